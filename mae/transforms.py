@@ -1,0 +1,102 @@
+"""Image transforms of the recipe, split where the data crosses to the accelerator.
+
+CPU side (data workers): decode encoded bytes to RGB, RandomResizedCrop(scale=(0.2, 1.0),
+bicubic) and horizontal flip on uint8, giving uint8 HWC crops. Device side (train worker):
+uint8 -> float, /255, ImageNet mean/std, NCHW.
+"""
+import io
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def decode_rgb(data: bytes) -> torch.Tensor:
+    """Encoded image bytes -> uint8 [3, H, W] RGB (grayscale, CMYK and PNG included).
+
+    Raises ValueError when the bytes are not a decodable image.
+    """
+    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    try:
+        return decode_image(buf, mode=ImageReadMode.RGB)
+    except RuntimeError:
+        pass
+    try:  # formats libjpeg-turbo / libpng refuse but PIL reads
+        with Image.open(io.BytesIO(data)) as im:
+            arr = np.asarray(im.convert("RGB"))
+    except Exception as e:
+        raise ValueError(f"not a decodable image: {e}") from None
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def random_resized_crop_params(height: int, width: int, rng: np.random.Generator,
+                               scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """(top, left, h, w) drawn as torchvision's RandomResizedCrop draws them."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    # fallback: central crop with the aspect ratio clamped into range
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def random_crop_flip(img: torch.Tensor, size: int, rng: np.random.Generator,
+                     scale=(0.2, 1.0)) -> torch.Tensor:
+    """uint8 [3, H, W] -> uint8 [size, size, 3]: RandomResizedCrop (bicubic) + random h-flip."""
+    top, left, h, w = random_resized_crop_params(img.shape[-2], img.shape[-1], rng, scale)
+    out = TF.resized_crop(img, top, left, h, w, [size, size],
+                          interpolation=InterpolationMode.BICUBIC, antialias=True)
+    if rng.random() < 0.5:
+        out = out.flip(-1)
+    return out.permute(1, 2, 0)
+
+
+def decode_crop_batch(blobs, size: int, rng: np.random.Generator, scale=(0.2, 1.0)):
+    """Decode + crop + flip a batch of encoded images.
+
+    Returns (uint8 array [B_ok, size, size, 3], indices of the blobs that decoded, errors
+    as {index: message} for the ones that did not).
+    """
+    crops, ok, errors = [], [], {}
+    for i, data in enumerate(blobs):
+        try:
+            img = decode_rgb(data)
+        except ValueError as e:
+            errors[i] = str(e)
+            continue
+        crops.append(random_crop_flip(img, size, rng, scale))
+        ok.append(i)
+    if crops:
+        images = torch.stack(crops).numpy()
+    else:
+        images = np.zeros((0, size, size, 3), dtype=np.uint8)
+    return images, ok, errors
+
+
+def normalize_on_device(images: torch.Tensor, device: torch.device, dtype=torch.float32) -> torch.Tensor:
+    """uint8 [N, H, W, 3] (any device) -> normalised float [N, 3, H, W] on `device`."""
+    x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).to(dtype).div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN, device=device, dtype=dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device, dtype=dtype).view(1, 3, 1, 1)
+    return x.sub_(mean).div_(std)
