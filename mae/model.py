@@ -212,11 +212,16 @@ def list_models() -> list[str]:
     return sorted(_PRESETS)
 
 
-def create_model(name: str, **overrides) -> MaskedAutoencoderViT:
-    """Build a registered preset; `overrides` replace its constructor arguments."""
+def preset(name: str) -> dict:
+    """The constructor arguments of a registered preset."""
     if name not in _PRESETS:
         raise ValueError(f"unknown model {name!r}; choose one of {list_models()}")
-    return MaskedAutoencoderViT(**{**_PRESETS[name], **overrides})
+    return dict(_PRESETS[name])
+
+
+def create_model(name: str, **overrides) -> MaskedAutoencoderViT:
+    """Build a registered preset; `overrides` replace its constructor arguments."""
+    return MaskedAutoencoderViT(**{**preset(name), **overrides})
 
 
 _DEC512D8B = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4)

@@ -1,0 +1,20 @@
+"""Where a training worker computes: one row per accelerator kind."""
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    device_type: str
+    """torch device type of a worker's device."""
+    backend: str
+    """torch.distributed backend."""
+    resource: str | None
+    """Ray resource each worker requests one unit of (None: CPUs only)."""
+    amp_dtypes: tuple[str, ...]
+    """`train.precision` values this device supports."""
+
+
+ACCELERATORS: dict[str, Accelerator] = {
+    "cpu": Accelerator("cpu", "gloo", None, ("fp32", "bf16")),
+    "cuda": Accelerator("cuda", "nccl", "GPU", ("fp32", "bf16", "fp16")),
+}

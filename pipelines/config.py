@@ -1,0 +1,240 @@
+"""Typed run configuration: one dataclass per component, filled from YAML, then overridden
+by dotted `section.key=value` arguments. Unknown keys and bad values are errors that name
+the key and what is allowed. Validation lives in `validate()` and nowhere else."""
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Literal
+
+import yaml
+
+import mae
+from cluster.accelerators import ACCELERATORS
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message names the key and what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mae_vit_large_patch16"
+    """Preset from `mae.list_models()`."""
+    input_size: int = 224
+    """Side of the square crops fed to the model (must match the preset's img_size)."""
+    mask_ratio: float = 0.75
+    """Fraction of patches removed."""
+    norm_pix_loss: bool = True
+    """Regress per-patch normalised pixels (the paper's default for its best results)."""
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """Dataset root in the ImageFolder layout: `<path>/train/<class>/<image>`."""
+    build_demo: bool = False
+    """If `path` holds no data, write the bundled demo dataset (handwritten digits) there."""
+    decode_batch_size: int = 64
+    """Images per decode + crop task."""
+
+
+@dataclass
+class OptimConfig:
+    blr: float = 1.5e-4
+    """Base learning rate: lr = blr * effective_batch / 256."""
+    lr: float | None = None
+    """Absolute learning rate; when set, `blr` is ignored."""
+    min_lr: float = 0.0
+    """Floor of the cosine schedule."""
+    weight_decay: float = 0.05
+    """AdamW weight decay on weights (biases and norms get none)."""
+    warmup_epochs: float = 40
+    """Linear warmup length in epochs."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 800
+    """Total epochs of the schedule; raising it extends a finished run."""
+    batch_size: int = 64
+    """Images per worker per micro-step."""
+    accum_iter: int = 1
+    """Micro-steps accumulated per optimizer step."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast dtype; fp16 uses a gradient scaler."""
+    seed: int = 0
+    """Seed of the weight initialisation and of each worker's masking noise."""
+    log_every_steps: int = 20
+    """A progress line (and a host sync) every this many optimizer steps."""
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = 1
+    """Training workers, one accelerator each."""
+    accelerator: str = "cpu"
+    """Row of `cluster.accelerators.ACCELERATORS`."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved by each training worker; the rest decode data."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "mae"
+    """Run name: the run directory is `<storage_path>/<name>`; reusing it resumes."""
+    storage_path: str = "~/mae_runs"
+    """Where run directories live (a local or shared path)."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def run_dir(self) -> str:
+        return os.path.join(self.run.storage_path, self.run.name)
+
+    @property
+    def effective_batch(self) -> int:
+        return self.train.batch_size * self.train.accum_iter * self.scaling.num_workers
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------
+
+
+def _coerce(key: str, value, tp):
+    """Convert a YAML or command-line value to the declared type of `key`."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "")):
+            return None
+        return _coerce(key, value, args[0])
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported config type {tp} for {key}")
+
+
+def _set(cfg: Config, dotted: str, value) -> None:
+    section, _, key = dotted.partition(".")
+    sections = [f.name for f in dataclasses.fields(Config)]
+    if section not in sections or not key:
+        raise ConfigError(f"{dotted}: unknown section {section!r}; sections are {sections}")
+    obj = getattr(cfg, section)
+    hints = typing.get_type_hints(type(obj))
+    if key not in hints:
+        raise ConfigError(f"{dotted}: unknown key; {section} has {sorted(hints)}")
+    setattr(obj, key, _coerce(dotted, value, hints[key]))
+
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults <- YAML file <- `section.key=value` overrides, then validate."""
+    cfg = Config()
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"--config: no such file {path!r}")
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected sections {[f.name for f in dataclasses.fields(Config)]}")
+        for section, values in raw.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{section}: expected a mapping of keys, got {values!r}")
+            for key, value in values.items():
+                _set(cfg, f"{section}.{key}", value)
+    for item in overrides:
+        dotted, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"{item!r}: overrides look like section.key=value")
+        _set(cfg, dotted.strip(), yaml.safe_load(value) if value.strip() else value)
+    validate(cfg)
+    return cfg
+
+
+def from_dict(d: dict) -> Config:
+    """Rebuild a Config from `Config.to_dict()` (as sent to the train workers)."""
+    cfg = Config()
+    for section, values in d.items():
+        for key, value in values.items():
+            _set(cfg, f"{section}.{key}", value)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    def need(ok: bool, key: str, allowed: str, value):
+        if not ok:
+            raise ConfigError(f"{key}: {value!r} is not allowed; {allowed}")
+
+    m, d, o, t, s, r = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.scaling, cfg.run
+    need(m.name in mae.list_models(), "model.name", f"choose one of {mae.list_models()}", m.name)
+    patch = mae.model.preset(m.name)["patch_size"] if m.name in mae.list_models() else 1
+    need(m.input_size > 0 and m.input_size % patch == 0, "model.input_size",
+         f"must be a positive multiple of {m.name}'s patch size {patch}", m.input_size)
+    need(0.0 < m.mask_ratio < 1.0, "model.mask_ratio", "must be in (0, 1)", m.mask_ratio)
+    need(bool(d.path), "data.path", "set it to a folder holding train/<class>/<image>", d.path)
+    need(d.decode_batch_size >= 1, "data.decode_batch_size", "must be >= 1", d.decode_batch_size)
+    need(o.blr > 0, "optim.blr", "must be > 0", o.blr)
+    need(o.lr is None or o.lr > 0, "optim.lr", "must be > 0 or null", o.lr)
+    need(o.min_lr >= 0, "optim.min_lr", "must be >= 0", o.min_lr)
+    need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0", o.weight_decay)
+    need(0 <= o.warmup_epochs < t.epochs, "optim.warmup_epochs",
+         f"must be >= 0 and < train.epochs ({t.epochs})", o.warmup_epochs)
+    need(t.epochs >= 1, "train.epochs", "must be >= 1", t.epochs)
+    need(t.batch_size >= 1, "train.batch_size", "must be >= 1", t.batch_size)
+    need(t.accum_iter >= 1, "train.accum_iter", "must be >= 1", t.accum_iter)
+    need(t.log_every_steps >= 1, "train.log_every_steps", "must be >= 1", t.log_every_steps)
+    need(s.num_workers >= 1, "scaling.num_workers", "must be >= 1", s.num_workers)
+    need(s.accelerator in ACCELERATORS, "scaling.accelerator", f"choose one of {sorted(ACCELERATORS)}",
+         s.accelerator)
+    need(s.cpus_per_worker >= 0, "scaling.cpus_per_worker", "must be >= 0", s.cpus_per_worker)
+    need(t.precision in ACCELERATORS[s.accelerator].amp_dtypes, "train.precision",
+         f"{s.accelerator} supports {list(ACCELERATORS[s.accelerator].amp_dtypes)}", t.precision)
+    need(bool(r.name) and "/" not in r.name, "run.name", "a non-empty name without '/'", r.name)
+    need(bool(r.storage_path), "run.storage_path", "a local or shared folder", r.storage_path)
+    r.storage_path = os.path.abspath(os.path.expanduser(r.storage_path))
+    d.path = os.path.abspath(os.path.expanduser(d.path))
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,107 @@
+"""Pretrain an MAE on a Ray cluster (or a local one started on the spot).
+
+    python pipelines/pretrain.py --config configs/demo.yaml [section.key=value ...]
+    ray job submit --working-dir . -- python pipelines/pretrain.py --config configs/mae_vit_large.yaml \\
+        scaling.num_workers=64 data.path=/datasets/imagenet run.storage_path=/shared/runs
+
+Running again with the same run.name and run.storage_path continues after the last
+completed epoch; raising train.epochs extends a finished run.
+"""
+import argparse
+import os
+import sys
+
+import ray
+import ray.train
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from cluster.accelerators import ACCELERATORS
+from pipelines.config import Config, ConfigError, load_config, to_yaml
+from pipelines.data import DataError, ImageFolder, imagefolder_stream, list_imagefolder
+from pipelines.demo_data import write_digits
+from pipelines.run_files import write_atomic
+from pipelines.train_loop import NonFiniteLossError, train_loop_per_worker
+
+
+def parse_args(argv=None) -> Config:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="YAML recipe under configs/")
+    ap.add_argument("overrides", nargs="*", metavar="section.key=value")
+    args = ap.parse_args(argv)
+    return load_config(args.config, args.overrides)
+
+
+def prepare_data(cfg: Config) -> ImageFolder:
+    if cfg.data.build_demo and not os.path.isdir(os.path.join(cfg.data.path, "train")):
+        print(f"writing the demo dataset (scikit-learn digits) to {cfg.data.path}")
+        write_digits(cfg.data.path)
+    return list_imagefolder(cfg.data.path)
+
+
+def iters_per_epoch(cfg: Config, num_images: int) -> int:
+    """Batches each worker sees per epoch: the stream is split equally, last batch dropped."""
+    n = (num_images // cfg.scaling.num_workers) // cfg.train.batch_size
+    if n < cfg.train.accum_iter:
+        raise ConfigError(
+            f"train.batch_size: {num_images} images over {cfg.scaling.num_workers} workers give {n} batches "
+            f"of {cfg.train.batch_size} per epoch, fewer than train.accum_iter={cfg.train.accum_iter}")
+    return n
+
+
+def check_storage(cfg: Config) -> None:
+    try:
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        write_atomic(os.path.join(cfg.run_dir, "config.yaml"), to_yaml(cfg))
+    except OSError as e:
+        raise ConfigError(f"run.storage_path: cannot write the run directory {cfg.run_dir}: {e}") from None
+
+
+def build_trainer(cfg: Config, folder: ImageFolder) -> TorchTrainer:
+    accel = ACCELERATORS[cfg.scaling.accelerator]
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if accel.resource:
+        resources[accel.resource] = 1
+    dataset = imagefolder_stream(folder, cfg.model.input_size, cfg.train.seed, cfg.data.decode_batch_size)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "iters_per_epoch": iters_per_epoch(cfg, len(folder))},
+        torch_config=TorchConfig(backend=accel.backend),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers,
+                                               use_gpu=accel.resource == "GPU",
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(name=cfg.run.name, storage_path=cfg.run.storage_path),
+        datasets={"train": dataset},
+    )
+
+
+def main(argv=None) -> int:
+    try:
+        cfg = parse_args(argv)
+        folder = prepare_data(cfg)
+        iters_per_epoch(cfg, len(folder))
+        check_storage(cfg)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{len(folder)} training images in {len(folder.classes)} classes from {cfg.data.path}")
+    ray.init(ignore_reinit_error=True)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the train loop logs progress
+    try:
+        result = build_trainer(cfg, folder).fit()
+    except ray.train.TrainingFailedError as e:
+        failures = getattr(e, "worker_failures", {}) or {}
+        nonfinite = [f for f in failures.values() if isinstance(f, NonFiniteLossError)]
+        print(f"error: {nonfinite[0] if nonfinite else e}", file=sys.stderr)
+        return 1
+    print(f"run directory: {cfg.run_dir}")
+    print(f"  latest checkpoint: {result.checkpoint.path if result.checkpoint else None}")
+    print(f"  config:            {os.path.join(cfg.run_dir, 'config.yaml')}")
+    print(f"  metrics:           {os.path.join(cfg.run_dir, 'metrics.jsonl')} (per epoch), steps.jsonl (per step)")
+    print(f"  loss curve:        {os.path.join(cfg.run_dir, 'loss_curve.png')}")
+    if result.metrics:
+        print(f"  final epoch {result.metrics['epoch']}: train_loss {result.metrics['train_loss']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

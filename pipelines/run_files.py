@@ -1,0 +1,84 @@
+"""What a run leaves next to Ray's checkpoints: config.yaml, metrics.jsonl (one object per
+epoch), steps.jsonl (one per optimizer step) and loss_curve.png.
+
+Files are rewritten whole and atomically (temporary file, then rename). On resume the
+records at or after the checkpoint's epoch/step are dropped first, so a resumed run holds
+each epoch and step exactly once even if the previous attempt died after writing them.
+"""
+import json
+import os
+import tempfile
+
+
+def write_atomic(path: str, data: bytes | str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; run files are for the whole team
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_jsonl(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class RunLog:
+    """The run's metrics and step records, kept in memory on rank 0 and flushed each epoch."""
+
+    def __init__(self, run_dir: str, start_epoch: int, start_step: int):
+        self.run_dir = run_dir
+        self.metrics = [m for m in read_jsonl(self.path("metrics.jsonl")) if m["epoch"] < start_epoch]
+        self.steps = [s for s in read_jsonl(self.path("steps.jsonl")) if s["step"] <= start_step]
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.run_dir, name)
+
+    def flush(self, epoch_metrics: dict, step_records: list[dict]) -> None:
+        self.metrics.append(epoch_metrics)
+        self.steps.extend(step_records)
+        for name, rows in (("steps.jsonl", self.steps), ("metrics.jsonl", self.metrics)):
+            write_atomic(self.path(name), "".join(json.dumps(r) + "\n" for r in rows))
+        write_atomic(self.path("loss_curve.png"), plot_loss_curve(self.steps, self.metrics))
+
+
+def plot_loss_curve(steps: list[dict], metrics: list[dict]) -> bytes:
+    """PNG: per-step loss (raw and smoothed) and per-epoch loss, lr on a second axis."""
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    if steps:
+        x = np.array([s["epoch"] for s in steps])
+        loss = np.array([s["loss"] for s in steps])
+        ax.plot(x, loss, color="tab:blue", alpha=0.25, lw=0.8, label="loss per step")
+        k = max(1, min(len(loss) // 20, 50))
+        smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+        ax.plot(x[k - 1:], smooth, color="tab:blue", lw=1.5, label=f"loss, mean of {k} steps")
+        lr_ax = ax.twinx()
+        lr_ax.plot(x, [s["lr"] for s in steps], color="tab:orange", lw=1, label="lr")
+        lr_ax.set_ylabel("learning rate", color="tab:orange")
+    if metrics:
+        ax.plot([m["epoch"] + 1 for m in metrics], [m["train_loss"] for m in metrics], "o-",
+                color="tab:green", ms=3, label="loss per epoch (at epoch end)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("train loss")
+    ax.legend(loc="upper right", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
