@@ -23,6 +23,8 @@ def decode_rgb(data: bytes) -> torch.Tensor:
 
     Raises ValueError when the bytes are not a decodable image.
     """
+    if not data:
+        raise ValueError("not a decodable image: empty file")
     buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     try:
         return decode_image(buf, mode=ImageReadMode.RGB)

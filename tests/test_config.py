@@ -1,0 +1,71 @@
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import ConfigError, load_config
+from pipelines.pretrain import main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name", ["mae_vit_base", "mae_vit_large", "mae_vit_huge"])
+def test_paper_configs_are_the_paper_recipe(name):
+    cfg = load_config(CONFIGS / f"{name}.yaml", ["data.path=/datasets/imagenet"])
+    assert cfg.effective_batch == 4096
+    assert cfg.optim.blr == 1.5e-4 and cfg.optim.weight_decay == 0.05 and cfg.optim.warmup_epochs == 40
+    assert cfg.train.epochs == 800 and cfg.model.mask_ratio == 0.75 and cfg.model.norm_pix_loss
+    assert cfg.model.name.startswith(name) and cfg.model.input_size == 224
+
+
+@pytest.mark.parametrize("name", ["mae_vit_base", "mae_vit_large", "mae_vit_huge", "demo", "debug"])
+def test_every_config_opens_with_command_hardware_time_and_loss(name):
+    head = (CONFIGS / f"{name}.yaml").read_text().split("\n\n")[0].lower()
+    for word in ("pretrain.py" if name.startswith("mae") else "make demo" if name == "demo" else "pretrain.py",
+                 "hardware", "time", "loss"):
+        assert word in head, (name, word)
+
+
+def test_overrides_set_the_documented_keys(tmp_path):
+    cfg = load_config(CONFIGS / "mae_vit_large.yaml", [
+        "scaling.num_workers=64", "data.path=/datasets/imagenet", "run.name=vitl-800",
+        f"run.storage_path={tmp_path}", "train.epochs=1600", "train.batch_size=32", "optim.blr=1e-4",
+        "optim.lr=null", "model.norm_pix_loss=false"])
+    assert cfg.scaling.num_workers == 64 and cfg.data.path == "/datasets/imagenet"
+    assert cfg.run.name == "vitl-800" and cfg.run_dir == str(tmp_path / "vitl-800")
+    assert cfg.train.epochs == 1600 and cfg.train.batch_size == 32 and cfg.optim.blr == 1e-4
+    assert cfg.optim.lr is None and cfg.model.norm_pix_loss is False
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.epoch=3", r"train.epoch: unknown key; train has \[.*'epochs'"),
+    ("trian.epochs=3", r"trian.epochs: unknown section 'trian'; sections are \['model', 'data'"),
+    ("train.epochs=three", r"train.epochs: expected an integer, got 'three'"),
+    ("train.batch_size=0", r"train.batch_size: 0 is not allowed; must be >= 1"),
+    ("train.precision=fp8", r"train.precision: 'fp8' is not one of \['fp32', 'bf16', 'fp16'\]"),
+    ("model.name=vit_b", r"model.name: 'vit_b' is not allowed; choose one of \[.*'mae_vit_base_patch16'"),
+    ("model.mask_ratio=1.5", r"model.mask_ratio: 1.5 is not allowed; must be in \(0, 1\)"),
+    ("model.input_size=100", r"model.input_size: 100 is not allowed; must be a positive multiple of .* 16"),
+    ("model.norm_pix_loss=maybe", r"model.norm_pix_loss: expected true or false, got 'maybe'"),
+    ("scaling.accelerator=tpu", r"scaling.accelerator: 'tpu' is not allowed; choose one of \['cpu', 'cuda'\]"),
+    ("optim.warmup_epochs=900", r"optim.warmup_epochs: 900.0 is not allowed; must be >= 0 and < train.epochs"),
+    ("train.epochs", r"'train.epochs': overrides look like section.key=value"),
+])
+def test_bad_keys_and_values_name_the_key_and_what_is_allowed(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIGS / "mae_vit_large.yaml", ["data.path=/x", override])
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  name: mae_vit_tiny_patch4\n  depht: 3\ndata:\n  path: /x\n")
+    with pytest.raises(ConfigError, match=r"model.depht: unknown key; model has \["):
+        load_config(bad)
+
+
+def test_entry_point_exits_2_with_one_line_before_any_work(tmp_path, capsys):
+    assert main(["--config", str(CONFIGS / "debug.yaml"), "train.epochs=zero"]) == 2
+    assert capsys.readouterr().err.strip() == "error: train.epochs: expected an integer, got 'zero'"
+    assert main(["--config", str(CONFIGS / "debug.yaml"), f"data.path={tmp_path / 'none'}",
+                 "data.build_demo=false", f"run.storage_path={tmp_path}"]) == 2
+    assert "has no train/ folder" in capsys.readouterr().err
+    assert not (tmp_path / "debug").exists()  # nothing written before the error

@@ -1,0 +1,102 @@
+"""The real entry point on the shared local Ray cluster: train, resume, extend, stop on NaN."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mae import create_model
+from mae.checkpoint import load_checkpoint
+from mae.recipe import lr_at
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def pretrain(*overrides, timeout=600):
+    cmd = [sys.executable, "pipelines/pretrain.py", "--config", "configs/debug.yaml", *overrides]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=os.environ)
+
+
+def jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def checkpoints(run_dir):
+    return sorted(p.name for p in Path(run_dir).glob("checkpoint_epoch_*"))
+
+
+@pytest.fixture(scope="module")
+def run(ray_cluster, digits, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("runs")
+    common = [f"data.path={digits}", f"run.storage_path={storage}", "run.name=e2e"]
+    first = pretrain(*common)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    first_metrics = jsonl(storage / "e2e" / "metrics.jsonl")
+    first_steps = jsonl(storage / "e2e" / "steps.jsonl")
+    second = pretrain(*common, "train.epochs=3")
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    return dict(dir=storage / "e2e", first=first, first_metrics=first_metrics, first_steps=first_steps,
+                second=second)
+
+
+def test_two_workers_two_epochs_write_checkpoints_and_logs(run):
+    assert run["first_metrics"][0]["epoch"] == 0 and len(run["first_metrics"]) == 2
+    steps_per_epoch = (1438 // 2) // 32  # 1,438 digits split over 2 workers, batch 32
+    assert [s["step"] for s in run["first_steps"]] == list(range(1, 2 * steps_per_epoch + 1))
+    assert all({"epoch", "train_loss", "train_lr", "images_per_sec"} <= m.keys() for m in run["first_metrics"])
+    assert all(set(s) == {"step", "epoch", "loss", "lr"} for s in run["first_steps"])
+    assert "loss_curve.png" in run["first"].stdout and "metrics.jsonl" in run["first"].stdout
+    assert (run["dir"] / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert "model:" in (run["dir"] / "config.yaml").read_text()
+
+
+def test_loss_goes_down(run):
+    m = run["first_metrics"]
+    assert m[1]["train_loss"] < m[0]["train_loss"]
+    steps = run["first_steps"]
+    assert sum(s["loss"] for s in steps[-5:]) < sum(s["loss"] for s in steps[:5])
+
+
+def test_lr_follows_warmup_then_cosine(run):
+    peak = 1.0e-3 * 64 / 256  # debug.yaml: blr 1e-3, 2 workers x 32
+    for s in run["first_steps"]:
+        assert s["lr"] == pytest.approx(lr_at(s["epoch"], peak, 0.0, 1, 2), rel=1e-9, abs=1e-15)
+
+
+def test_resume_appends_exactly_one_epoch_with_restored_state(run):
+    assert "from epoch 2 (step 44)" in run["second"].stdout + run["second"].stderr
+    metrics = jsonl(run["dir"] / "metrics.jsonl")
+    steps = jsonl(run["dir"] / "steps.jsonl")
+    assert [m["epoch"] for m in metrics] == [0, 1, 2]
+    assert metrics[:2] == run["first_metrics"]
+    assert [s["step"] for s in steps] == list(range(1, 67))
+    assert steps[:44] == run["first_steps"]
+    # the new epoch's lr comes from the extended schedule (3 epochs) at fractional epoch 2
+    assert steps[44]["epoch"] == 2.0
+    assert steps[44]["lr"] == pytest.approx(lr_at(2.0, 2.5e-4, 0.0, 1, 3))
+    assert checkpoints(run["dir"]) == ["checkpoint_epoch_0000", "checkpoint_epoch_0001", "checkpoint_epoch_0002"]
+    ckpt = load_checkpoint(run["dir"] / "checkpoint_epoch_0002" / "checkpoint.pth")
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 66
+    assert {"model", "optimizer", "epoch", "scaler", "args"} <= ckpt.keys() and isinstance(ckpt["args"], dict)
+    assert all(s["step"] == 66 for s in ckpt["optimizer"]["state"].values())  # AdamW state carried over
+
+
+def test_checkpoint_loads_into_fresh_model_strict(run):
+    ckpt = load_checkpoint(run["dir"] / "checkpoint_epoch_0001" / "checkpoint.pth")
+    model = create_model("mae_vit_tiny_patch4", img_size=16)
+    model.load_state_dict(ckpt["model"], strict=True)
+    loss, _, _ = model(torch.randn(2, 3, 16, 16))
+    assert torch.isfinite(loss)
+
+
+def test_non_finite_loss_stops_with_step_and_saves_nothing(ray_cluster, digits, tmp_path):
+    result = pretrain(f"data.path={digits}", f"run.storage_path={tmp_path}", "run.name=nan",
+                      "optim.lr=1e30", "train.accum_iter=2", "train.log_every_steps=2")
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "loss is nan at step" in result.stderr or "loss is inf at step" in result.stderr
+    assert checkpoints(tmp_path / "nan") == []
+    assert not (tmp_path / "nan" / "metrics.jsonl").exists()
