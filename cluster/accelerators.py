@@ -12,9 +12,12 @@ class Accelerator:
     """Ray resource each worker requests one unit of (None: CPUs only)."""
     amp_dtypes: tuple[str, ...]
     """`train.precision` values this device supports."""
+    compiles: bool
+    """Whether torch.compile (inductor) supports the device; `train.compile` is ignored,
+    with a warning, where it does not."""
 
 
 ACCELERATORS: dict[str, Accelerator] = {
-    "cpu": Accelerator("cpu", "gloo", None, ("fp32", "bf16")),
-    "cuda": Accelerator("cuda", "nccl", "GPU", ("fp32", "bf16", "fp16")),
+    "cpu": Accelerator("cpu", "gloo", None, ("fp32", "bf16"), compiles=True),
+    "cuda": Accelerator("cuda", "nccl", "GPU", ("fp32", "bf16", "fp16"), compiles=True),
 }

@@ -64,6 +64,8 @@ class TrainConfig:
     """Micro-steps accumulated per optimizer step."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Autocast dtype; fp16 uses a gradient scaler."""
+    compile: bool = True
+    """torch.compile the model (in place; eager where the device does not support it)."""
     seed: int = 0
     """Seed of the weight initialisation and of each worker's masking noise."""
     log_every_steps: int = 20

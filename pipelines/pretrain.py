@@ -56,15 +56,15 @@ def check_storage(cfg: Config) -> None:
         raise ConfigError(f"run.storage_path: cannot write the run directory {cfg.run_dir}: {e}") from None
 
 
-def build_trainer(cfg: Config, folder: ImageFolder) -> TorchTrainer:
+def build_trainer(cfg: Config, dataset: ray.data.Dataset, num_images: int) -> TorchTrainer:
+    """The TorchTrainer of a run over `dataset` (rows with a uint8 HWC `image`)."""
     accel = ACCELERATORS[cfg.scaling.accelerator]
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if accel.resource:
         resources[accel.resource] = 1
-    dataset = imagefolder_stream(folder, cfg.model.input_size, cfg.train.seed, cfg.data.decode_batch_size)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "iters_per_epoch": iters_per_epoch(cfg, len(folder))},
+        train_loop_config={"cfg": cfg.to_dict(), "iters_per_epoch": iters_per_epoch(cfg, num_images)},
         torch_config=TorchConfig(backend=accel.backend),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers,
                                                use_gpu=accel.resource == "GPU",
@@ -87,7 +87,8 @@ def main(argv=None) -> int:
     ray.init(ignore_reinit_error=True)
     ray.data.DataContext.get_current().enable_progress_bars = False  # the train loop logs progress
     try:
-        result = build_trainer(cfg, folder).fit()
+        dataset = imagefolder_stream(folder, cfg.model.input_size, cfg.train.seed, cfg.data.decode_batch_size)
+        result = build_trainer(cfg, dataset, len(folder)).fit()
     except ray.train.TrainingFailedError as e:
         failures = getattr(e, "worker_failures", {}) or {}
         nonfinite = [f for f in failures.values() if isinstance(f, NonFiniteLossError)]

@@ -87,7 +87,7 @@ def train_loop_per_worker(config: dict) -> None:
     state = build_state(cfg, device, sched.peak_lr)
     restore(state, ray.train.get_checkpoint())
     run_log = RunLog(cfg.run_dir, state.epoch, state.step) if rank == 0 else None
-    model = DistributedDataParallel(state.model) if world > 1 else state.model
+    model = wrap_model(state.model, cfg, world)
     if rank == 0:
         logger.info("training %s from epoch %d (step %d) to %d: %d workers x batch %d x accum %d = %d "
                     "images per step, lr %.3g, %d steps per epoch", cfg.model.name, state.epoch, state.step,
@@ -123,9 +123,29 @@ def build_state(cfg: Config, device: torch.device, lr: float) -> State:
     torch.manual_seed(cfg.train.seed)
     model = create_model(cfg.model.name, img_size=cfg.model.input_size,
                          norm_pix_loss=cfg.model.norm_pix_loss).to(device)
-    optimizer = build_optimizer(model, lr=lr, weight_decay=cfg.optim.weight_decay)
+    optimizer = build_optimizer(model, lr=lr, weight_decay=cfg.optim.weight_decay,
+                                fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
     return State(model, optimizer, scaler)
+
+
+def wrap_model(model: torch.nn.Module, cfg: Config, world: int) -> torch.nn.Module:
+    """torch.compile (in place, so state-dict keys stay the official ones), then DDP.
+
+    Every parameter is used every step, so DDP looks for no unused ones. If compilation
+    fails for a graph, dynamo falls back to eager for it with a warning instead of
+    stopping the run.
+    """
+    accel = ACCELERATORS[cfg.scaling.accelerator]
+    if cfg.train.compile and accel.compiles:
+        torch._dynamo.config.suppress_errors = True
+        model.compile()
+    elif cfg.train.compile:
+        logger.warning("train.compile: torch.compile is not supported on %s; running eager",
+                       cfg.scaling.accelerator)
+    if world > 1:
+        model = DistributedDataParallel(model, gradient_as_bucket_view=True)
+    return model
 
 
 def restore(state: State, checkpoint: "ray.train.Checkpoint | None") -> None:
@@ -142,15 +162,35 @@ def restore(state: State, checkpoint: "ray.train.Checkpoint | None") -> None:
     state.step = ckpt["step"]
 
 
+def micro_step(model: torch.nn.Module, images: torch.Tensor, device: torch.device, mask_ratio: float,
+               accum_iter: int, amp_dtype: torch.dtype | None, scaler: torch.amp.GradScaler,
+               sync_grads: bool = True, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Forward + backward of one micro-batch of uint8 [N, H, W, 3] images; returns the
+    detached loss. With `sync_grads=False` a DDP model skips its all-reduce (`no_sync`)."""
+    imgs = normalize_on_device(images, device)
+    no_sync = not sync_grads and isinstance(model, DistributedDataParallel)
+    with model.no_sync() if no_sync else contextlib.nullcontext():
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss, _, _ = model(imgs, mask_ratio=mask_ratio, noise=noise)
+        scaler.scale(loss / accum_iter).backward()
+    return loss.detach()
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def train_one_epoch(cfg: Config, sched: Schedule, state: State, model: torch.nn.Module, shard,
                     device: torch.device, epoch: int, world: int, eta_origin) -> EpochLog:
     accum, amp_dtype = sched.accum_iter, AMP_DTYPES[cfg.train.precision]
     used_iters = sched.steps_per_epoch * accum  # trailing micro-batches that fill no step are dropped
     log = EpochLog(losses=torch.zeros(sched.steps_per_epoch, device=device))
-    opt, scaler = state.optimizer, state.scaler
     model.train()
-    opt.zero_grad(set_to_none=True)
-    batches = shard.iter_torch_batches(batch_size=cfg.train.batch_size, drop_last=True,
+    state.optimizer.zero_grad(set_to_none=True)
+    batches = shard.iter_torch_batches(batch_size=cfg.train.batch_size, drop_last=True, device="cpu",
+                                       pin_memory=device.type == "cuda", prefetch_batches=2,
                                        dtypes={"image": torch.uint8, "label": torch.int64})
     for i, batch in enumerate(batches):
         if i >= used_iters:
@@ -158,21 +198,15 @@ def train_one_epoch(cfg: Config, sched: Schedule, state: State, model: torch.nn.
         k = i // accum
         if i % accum == 0:
             lr = sched.lr(epoch, i)
-            set_lr(opt, lr)
+            set_lr(state.optimizer, lr)
             log.lrs.append(lr)
             log.epochs.append(fractional_epoch(epoch, i, sched.iters_per_epoch))
-        imgs = normalize_on_device(batch["image"], device)
         last_micro = (i + 1) % accum == 0
-        sync = contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
-        with sync:
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss, _, _ = model(imgs, mask_ratio=cfg.model.mask_ratio)
-            log.losses[k] += loss.detach().float() / accum
-            scaler.scale(loss / accum).backward()
+        loss = micro_step(model, batch["image"], device, cfg.model.mask_ratio, accum, amp_dtype, state.scaler,
+                          sync_grads=last_micro)
+        log.losses[k] += loss.float() / accum
         if last_micro:
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
+            optimizer_step(state.optimizer, state.scaler)
             state.step += 1
             log.done += 1
             if (k + 1) % cfg.train.log_every_steps == 0:

@@ -57,3 +57,12 @@ def test_adamw_betas_and_lr_scale():
     opt.param_groups[0]["lr_scale"] = 0.5
     set_lr(opt, 2e-3)
     assert [g["lr"] for g in opt.param_groups] == [1e-3, 2e-3]
+
+
+def test_vit_large_training_step_is_about_125_gflops_per_image():
+    from mae.flops import train_flops_per_image
+    with torch.device("meta"):
+        vitl = create_model("mae_vit_large_patch16")
+    # by hand: encoder 24 x (24*50*1024^2 + 4*50^2*1024) = 30.44 GF; decoder 8 x (24*197*512^2
+    # + 4*197^2*512) = 10.55 GF; patch embed 0.31 GF, decoder embed/pred 0.05 + 0.15 GF; x3 = 124.53
+    assert train_flops_per_image(vitl) / 1e9 == pytest.approx(124.53, rel=1e-3)
