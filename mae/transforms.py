@@ -102,3 +102,11 @@ def normalize_on_device(images: torch.Tensor, device: torch.device, dtype=torch.
     mean = torch.tensor(IMAGENET_MEAN, device=device, dtype=dtype).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=device, dtype=dtype).view(1, 3, 1, 1)
     return x.sub_(mean).div_(std)
+
+
+def eval_resize_crop(img: torch.Tensor, size: int, crop_pct: float = 224 / 256) -> torch.Tensor:
+    """uint8 [3, H, W] -> uint8 [size, size, 3]: resize the short side to size / crop_pct
+    (bicubic), centre crop; the deterministic view used for evaluation and figures."""
+    short = int(round(size / crop_pct))
+    out = TF.resize(img, short, interpolation=InterpolationMode.BICUBIC, antialias=True)
+    return TF.center_crop(out, [size, size]).permute(1, 2, 0)

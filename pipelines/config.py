@@ -88,6 +88,8 @@ class RunConfig:
     """Run name: the run directory is `<storage_path>/<name>`; reusing it resumes."""
     storage_path: str = "~/mae_runs"
     """Where run directories live (a local or shared path)."""
+    tensorboard: bool = False
+    """Also write TensorBoard events (loss, lr, images/s, reconstructions) to <run dir>/tensorboard."""
 
 
 @dataclass

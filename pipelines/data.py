@@ -6,7 +6,9 @@ from dataclasses import dataclass
 import numpy as np
 import ray.data
 
-from mae.transforms import decode_crop_batch
+import torch
+
+from mae.transforms import decode_crop_batch, decode_rgb, eval_resize_crop
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +46,20 @@ def list_imagefolder(root: str, split: str = "train") -> ImageFolder:
     if not paths:
         raise DataError(f"data.path: no images ({', '.join(IMAGE_EXTENSIONS)}) under {top}/<class>/")
     return ImageFolder(root, paths, labels, classes)
+
+
+def held_out_images(root: str, size: int, n: int = 8) -> torch.Tensor:
+    """A fixed set of `n` images for reconstruction figures: from `val/` when the dataset
+    has one (else `train/`), evenly spaced over the sorted listing so several classes show.
+    Returns uint8 [n, size, size, 3] (resize + centre crop)."""
+    split = "val" if os.path.isdir(os.path.join(root, "val")) else "train"
+    paths = list_imagefolder(root, split).paths
+    picks = [paths[i * len(paths) // n] for i in range(min(n, len(paths)))]
+    crops = []
+    for path in picks:
+        with open(path, "rb") as f:
+            crops.append(eval_resize_crop(decode_rgb(f.read()), size))
+    return torch.stack(crops)
 
 
 class DecodeCrop:

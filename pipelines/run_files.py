@@ -32,22 +32,49 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 class RunLog:
-    """The run's metrics and step records, kept in memory on rank 0 and flushed each epoch."""
+    """The run's metrics and step records, kept in memory on rank 0 and flushed each epoch,
+    with the figures and (optionally) TensorBoard events."""
 
-    def __init__(self, run_dir: str, start_epoch: int, start_step: int):
+    def __init__(self, run_dir: str, start_epoch: int, start_step: int, tensorboard: bool = False):
         self.run_dir = run_dir
         self.metrics = [m for m in read_jsonl(self.path("metrics.jsonl")) if m["epoch"] < start_epoch]
         self.steps = [s for s in read_jsonl(self.path("steps.jsonl")) if s["step"] <= start_step]
+        self.writer = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+            # purge_step drops events a previous attempt wrote after the checkpoint
+            self.writer = SummaryWriter(self.path("tensorboard"), purge_step=start_step + 1)
 
     def path(self, name: str) -> str:
         return os.path.join(self.run_dir, name)
 
-    def flush(self, epoch_metrics: dict, step_records: list[dict]) -> None:
+    def flush(self, epoch_metrics: dict, step_records: list[dict], reconstruction_png: bytes | None = None) -> None:
         self.metrics.append(epoch_metrics)
         self.steps.extend(step_records)
         for name, rows in (("steps.jsonl", self.steps), ("metrics.jsonl", self.metrics)):
             write_atomic(self.path(name), "".join(json.dumps(r) + "\n" for r in rows))
         write_atomic(self.path("loss_curve.png"), plot_loss_curve(self.steps, self.metrics))
+        if reconstruction_png is not None:
+            write_atomic(self.path(f"reconstructions/epoch_{epoch_metrics['epoch']:04d}.png"), reconstruction_png)
+        if self.writer is not None:
+            self._write_events(epoch_metrics, step_records, reconstruction_png)
+
+    def _write_events(self, epoch_metrics: dict, step_records: list[dict], png: bytes | None) -> None:
+        import io
+
+        import numpy as np
+        from PIL import Image
+
+        for r in step_records:
+            self.writer.add_scalar("train/loss", r["loss"], r["step"])
+            self.writer.add_scalar("train/lr", r["lr"], r["step"])
+        last = step_records[-1]["step"] if step_records else 0
+        self.writer.add_scalar("epoch/train_loss", epoch_metrics["train_loss"], last)
+        self.writer.add_scalar("epoch/images_per_sec", epoch_metrics["images_per_sec"], last)
+        if png is not None:
+            grid = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+            self.writer.add_image("reconstructions", grid, last, dataformats="HWC")
+        self.writer.flush()
 
 
 def plot_loss_curve(steps: list[dict], metrics: list[dict]) -> bytes:

@@ -19,10 +19,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from cluster.accelerators import ACCELERATORS
 from mae import create_model
+from mae.model import preset
+from mae.visualize import grid_png, reconstruct
 from mae.checkpoint import load_checkpoint, save_checkpoint
 from mae.recipe import build_optimizer, fractional_epoch, lr_at, scaled_lr, set_lr
 from mae.transforms import normalize_on_device
 from pipelines.config import Config, from_dict
+from pipelines.data import held_out_images
 from pipelines.run_files import RunLog
 
 logger = logging.getLogger("mae.train")
@@ -86,7 +89,8 @@ def train_loop_per_worker(config: dict) -> None:
                      cfg.optim.min_lr, cfg.optim.warmup_epochs, cfg.train.epochs)
     state = build_state(cfg, device, sched.peak_lr)
     restore(state, ray.train.get_checkpoint())
-    run_log = RunLog(cfg.run_dir, state.epoch, state.step) if rank == 0 else None
+    run_log = RunLog(cfg.run_dir, state.epoch, state.step, cfg.run.tensorboard) if rank == 0 else None
+    figures = Figures(cfg, device) if rank == 0 else None
     model = wrap_model(state.model, cfg, world)
     if rank == 0:
         logger.info("training %s from epoch %d (step %d) to %d: %d workers x batch %d x accum %d = %d "
@@ -107,7 +111,7 @@ def train_loop_per_worker(config: dict) -> None:
                    "train_lr": log.lrs[-1] if log.lrs else 0.0, "steps": len(log.synced),
                    "images_per_sec": len(log.synced) * cfg.effective_batch / seconds,
                    "epoch_seconds": seconds}
-        report(state, cfg, metrics, log, run_log)
+        report(state, cfg, metrics, log, run_log, figures)
 
 
 def worker_device(cfg: Config, local_rank: int) -> torch.device:
@@ -251,14 +255,31 @@ def log_progress(cfg: Config, sched: Schedule, state: State, epoch: int, k: int,
                 images_per_sec, time.strftime("%H:%M:%S", time.gmtime(eta)))
 
 
-def report(state: State, cfg: Config, metrics: dict, log: EpochLog, run_log: RunLog | None) -> None:
+class Figures:
+    """Rank 0's reconstructions of a fixed held-out set, with fixed masks, after each epoch."""
+
+    def __init__(self, cfg: Config, device: torch.device):
+        self.images = normalize_on_device(held_out_images(cfg.data.path, cfg.model.input_size), device)
+        num_patches = (cfg.model.input_size // preset(cfg.model.name)["patch_size"]) ** 2
+        generator = torch.Generator().manual_seed(cfg.train.seed)
+        self.noise = torch.rand(len(self.images), num_patches, generator=generator).to(device)
+        self.mask_ratio = cfg.model.mask_ratio
+
+    def reconstructions(self, model: torch.nn.Module, epoch: int) -> bytes:
+        panels = reconstruct(model, self.images, self.mask_ratio, self.noise)
+        return grid_png(panels, title=f"epoch {epoch}")
+
+
+def report(state: State, cfg: Config, metrics: dict, log: EpochLog, run_log: RunLog | None,
+           figures: Figures | None) -> None:
     """Rank 0 writes the run files and checkpoint.pth; every rank reports to Ray Train."""
     if run_log is None:
         ray.train.report(metrics, checkpoint=None)
         return
     first = state.step - len(log.synced) + 1
     run_log.flush(metrics, [{"step": first + j, "epoch": log.epochs[j], "loss": log.synced[j], "lr": log.lrs[j]}
-                            for j in range(len(log.synced))])
+                            for j in range(len(log.synced))],
+                  figures.reconstructions(state.model, metrics["epoch"]))
     logger.info("epoch %d done: train_loss %.4f  lr %.3e  images/s %.1f", metrics["epoch"],
                 metrics["train_loss"], metrics["train_lr"], metrics["images_per_sec"])
     with tempfile.TemporaryDirectory() as d:

@@ -37,7 +37,7 @@ def run(ray_cluster, digits, tmp_path_factory):
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     first_metrics = jsonl(storage / "e2e" / "metrics.jsonl")
     first_steps = jsonl(storage / "e2e" / "steps.jsonl")
-    second = pretrain(*common, "train.epochs=3")
+    second = pretrain(*common, "train.epochs=3", "run.tensorboard=true")
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     return dict(dir=storage / "e2e", first=first, first_metrics=first_metrics, first_steps=first_steps,
                 second=second)
@@ -52,6 +52,26 @@ def test_two_workers_two_epochs_write_checkpoints_and_logs(run):
     assert "loss_curve.png" in run["first"].stdout and "metrics.jsonl" in run["first"].stdout
     assert (run["dir"] / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert "model:" in (run["dir"] / "config.yaml").read_text()
+
+
+def test_reconstruction_figures_each_epoch_and_tensorboard_events(run):
+    figures = sorted(p.name for p in (run["dir"] / "reconstructions").iterdir())
+    assert figures == ["epoch_0000.png", "epoch_0001.png", "epoch_0002.png"]
+    from PIL import Image
+    with Image.open(run["dir"] / "reconstructions" / "epoch_0002.png") as im:
+        assert im.width > 4 * 96 and im.height > 8 * 96  # 8 held-out images x 4 columns
+    from tensorboardX.proto import event_pb2  # the resumed run wrote events for its epoch
+    import struct
+    raw = next((run["dir"] / "tensorboard").glob("events.out.tfevents.*")).read_bytes()
+    tags, pos = set(), 0
+    while pos < len(raw):
+        (length,) = struct.unpack("<Q", raw[pos:pos + 8])
+        event = event_pb2.Event.FromString(raw[pos + 12:pos + 12 + length])
+        tags |= {(v.tag, event.step) for v in event.summary.value}
+        pos += 12 + length + 4
+    assert {("train/loss", 45), ("train/loss", 66), ("train/lr", 66), ("epoch/train_loss", 66),
+            ("epoch/images_per_sec", 66), ("reconstructions", 66)} <= tags
+    assert not any(step <= 44 for tag, step in tags if tag == "train/loss")
 
 
 def test_loss_goes_down(run):
