@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 
 demo: install
 	$(BIN)/python pipelines/pretrain.py --config configs/demo.yaml
+	$(BIN)/python pipelines/evaluate.py --checkpoint runs/demo --data data/digits --compare-random-init
 
 test: install
 	$(BIN)/python -m pytest -q tests

@@ -48,15 +48,19 @@ def list_imagefolder(root: str, split: str = "train") -> ImageFolder:
     return ImageFolder(root, paths, labels, classes)
 
 
+def evenly_spaced(items: list, n: int) -> list:
+    """At most `n` items spread over the whole list (so a sorted listing shows several classes)."""
+    return [items[i * len(items) // n] for i in range(min(n, len(items)))]
+
+
 def held_out_images(root: str, size: int, n: int = 8) -> torch.Tensor:
     """A fixed set of `n` images for reconstruction figures: from `val/` when the dataset
     has one (else `train/`), evenly spaced over the sorted listing so several classes show.
     Returns uint8 [n, size, size, 3] (resize + centre crop)."""
     split = "val" if os.path.isdir(os.path.join(root, "val")) else "train"
     paths = list_imagefolder(root, split).paths
-    picks = [paths[i * len(paths) // n] for i in range(min(n, len(paths)))]
     crops = []
-    for path in picks:
+    for path in evenly_spaced(paths, n):
         with open(path, "rb") as f:
             crops.append(eval_resize_crop(decode_rgb(f.read()), size))
     return torch.stack(crops)

@@ -1,0 +1,76 @@
+"""Reconstruction figure from any MAE checkpoint (ours or the official release's).
+
+    python pipelines/visualize.py --checkpoint runs/demo/checkpoint_epoch_0039/checkpoint.pth \\
+        --images data/digits/val --out reconstructions.png [--mask-ratio 0.75] [--seed 0]
+
+One row per image (at most --max-images, spread evenly over the sorted files; folders are
+searched recursively), four columns: original, masked input, reconstruction, reconstruction with the
+visible patches pasted back. With norm_pix_loss the prediction is un-normalised with each
+patch's own mean and variance. Our checkpoints record norm_pix_loss; for official ones pass
+--norm-pix-loss true for the `*_full.pth` pretraining weights (the `mae_visualize_*` ones
+were trained without it, the default).
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+from mae.checkpoint import load_checkpoint, model_from_checkpoint
+from mae.transforms import decode_rgb, eval_resize_crop, normalize_on_device
+from mae.visualize import grid_png, reconstruct
+from pipelines.data import IMAGE_EXTENSIONS, evenly_spaced
+
+
+def image_files(sources: list[str], limit: int) -> list[str]:
+    files = []
+    for src in sources:
+        if os.path.isdir(src):
+            for dirpath, _, names in sorted(os.walk(src)):
+                files += [os.path.join(dirpath, n) for n in sorted(names) if n.lower().endswith(IMAGE_EXTENSIONS)]
+        elif os.path.isfile(src):
+            files.append(src)
+        else:
+            raise ValueError(f"--images: no such file or folder {src!r}")
+    if not files:
+        raise ValueError(f"--images: no images ({', '.join(IMAGE_EXTENSIONS)}) in {sources}")
+    return evenly_spaced(files, limit)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--images", nargs="+", required=True, help="image files and/or folders")
+    ap.add_argument("--out", required=True, help="PNG to write")
+    ap.add_argument("--mask-ratio", type=float, default=0.75)
+    ap.add_argument("--max-images", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the masks")
+    ap.add_argument("--norm-pix-loss", choices=["true", "false"], default=None,
+                    help="override what the checkpoint records (official checkpoints record nothing)")
+    args = ap.parse_args(argv)
+    try:
+        if not os.path.isfile(args.checkpoint):
+            raise ValueError(f"--checkpoint: no such file {args.checkpoint!r}")
+        norm_pix = None if args.norm_pix_loss is None else args.norm_pix_loss == "true"
+        model, name = model_from_checkpoint(load_checkpoint(args.checkpoint), norm_pix)
+        files = image_files(args.images, args.max_images)
+        size = model.patch_embed.img_size[0]
+        crops = []
+        for path in files:
+            with open(path, "rb") as f:
+                crops.append(eval_resize_crop(decode_rgb(f.read()), size))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    imgs = normalize_on_device(torch.stack(crops), torch.device("cpu"))
+    noise = torch.rand(len(imgs), model.patch_embed.num_patches, generator=torch.Generator().manual_seed(args.seed))
+    panels = reconstruct(model.eval(), imgs, args.mask_ratio, noise)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "wb") as f:
+        f.write(grid_png(panels, title=f"{name}, mask ratio {args.mask_ratio}"))
+    print(f"wrote {args.out}: {len(files)} images, {name} at {size}px, norm_pix_loss={model.norm_pix_loss}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
