@@ -13,7 +13,6 @@ Ray Data iterator), from each epoch's wall time. Last line: JSON with `ratio` = 
 """
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mae import create_model  # noqa: E402
 from mae.recipe import build_optimizer, lr_at, scaled_lr, set_lr  # noqa: E402
 from pipelines.config import load_config  # noqa: E402
+from pipelines.run_files import read_jsonl  # noqa: E402
 from pipelines.train_loop import micro_step, optimizer_step  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "debug.yaml"
@@ -66,7 +66,7 @@ def ray_loop(cfg, images: np.ndarray) -> list[float]:
     dataset = ray.data.from_items([{"image": img, "label": 0} for img in images]).materialize()
     build_trainer(cfg, dataset, len(images)).fit()
     ray.shutdown()
-    metrics = [json.loads(line) for line in open(os.path.join(cfg.run_dir, "metrics.jsonl"))]
+    metrics = read_jsonl(cfg.run_storage(), "metrics.jsonl")
     return [m["epoch_seconds"] for m in metrics]
 
 

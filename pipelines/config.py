@@ -11,7 +11,8 @@ from typing import Literal
 import yaml
 
 import mae
-from cluster.accelerators import ACCELERATORS
+from cluster.accelerators import ACCELERATORS, Accelerator, resolve
+from cluster.storage import Storage, is_uri, open_storage
 
 
 class ConfigError(ValueError):
@@ -38,6 +39,9 @@ class DataConfig:
     """If `path` holds no data, write the bundled demo dataset (handwritten digits) there."""
     decode_batch_size: int = 64
     """Images per decode + crop task."""
+    min_cpus: float = 1.0
+    """CPUs that must remain for decoding beyond the training workers' reservation; the
+    preflight fails at once if the cluster cannot spare them."""
 
 
 @dataclass
@@ -70,6 +74,8 @@ class TrainConfig:
     """Seed of the weight initialisation and of each worker's masking noise."""
     log_every_steps: int = 20
     """A progress line (and a host sync) every this many optimizer steps."""
+    checkpoint_every_steps: int = 0
+    """Also checkpoint every this many optimizer steps inside an epoch (0: at epoch ends only)."""
 
 
 @dataclass
@@ -77,7 +83,10 @@ class ScalingConfig:
     num_workers: int = 1
     """Training workers, one accelerator each."""
     accelerator: str = "cpu"
-    """Row of `cluster.accelerators.ACCELERATORS`."""
+    """Row of `cluster.accelerators.ACCELERATORS`: cpu, cuda, sdaa or npu."""
+    device_type: str | None = None
+    """Compute on this torch device type instead of the row's, keeping its Ray resource
+    (e.g. `cpu` to test scheduling on `sdaa` nodes without the hardware)."""
     cpus_per_worker: float = 1.0
     """CPUs reserved by each training worker; the rest decode data."""
 
@@ -87,7 +96,19 @@ class RunConfig:
     name: str = "mae"
     """Run name: the run directory is `<storage_path>/<name>`; reusing it resumes."""
     storage_path: str = "~/mae_runs"
-    """Where run directories live (a local or shared path)."""
+    """Where run directories live: a local/NFS path or s3://bucket/prefix."""
+    s3_endpoint: str | None = None
+    """Endpoint of an S3-compatible store (MinIO, Ceph), e.g. http://10.0.0.5:9000.
+    Credentials come from the usual AWS environment variables on every node."""
+    s3_region: str | None = None
+    """Region of the bucket (S3 proper)."""
+    keep_checkpoints: int | None = 5
+    """How many of the latest checkpoints to keep (null: all)."""
+    max_failures: int = 0
+    """Worker-group restarts from the latest checkpoint after a worker dies (-1: unlimited)."""
+    resume_from: str | None = None
+    """Start a run that has no checkpoint yet from this checkpoint (ours or an official MAE
+    .pth; a path or s3:// URL). Once the run has its own checkpoints, they take precedence."""
     tensorboard: bool = False
     """Also write TensorBoard events (loss, lr, images/s, reconstructions) to <run dir>/tensorboard."""
 
@@ -101,9 +122,17 @@ class Config:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
+    def storage_root(self) -> Storage:
+        """`run.storage_path` on its filesystem."""
+        return open_storage(self.run.storage_path, self.run.s3_endpoint, self.run.s3_region)
+
+    def run_storage(self) -> Storage:
+        """The run directory, `<run.storage_path>/<run.name>`."""
+        return self.storage_root().child(self.run.name)
+
     @property
-    def run_dir(self) -> str:
-        return os.path.join(self.run.storage_path, self.run.name)
+    def accelerator(self) -> Accelerator:
+        return resolve(self.scaling.accelerator, self.scaling.device_type)
 
     @property
     def effective_batch(self) -> int:
@@ -232,11 +261,25 @@ def validate(cfg: Config) -> None:
     need(s.accelerator in ACCELERATORS, "scaling.accelerator", f"choose one of {sorted(ACCELERATORS)}",
          s.accelerator)
     need(s.cpus_per_worker >= 0, "scaling.cpus_per_worker", "must be >= 0", s.cpus_per_worker)
-    need(t.precision in ACCELERATORS[s.accelerator].amp_dtypes, "train.precision",
-         f"{s.accelerator} supports {list(ACCELERATORS[s.accelerator].amp_dtypes)}", t.precision)
+    device_types = sorted({row.device_type for row in ACCELERATORS.values()})
+    need(s.device_type is None or s.device_type in device_types, "scaling.device_type",
+         f"null or one of {device_types}", s.device_type)
+    row = cfg.accelerator
+    need(t.precision in row.amp_dtypes, "train.precision", f"{row.device_type} supports {list(row.amp_dtypes)}",
+         t.precision)
+    need(d.min_cpus >= 0, "data.min_cpus", "must be >= 0", d.min_cpus)
+    need(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", "must be >= 0 (0: epoch ends only)",
+         t.checkpoint_every_steps)
     need(bool(r.name) and "/" not in r.name, "run.name", "a non-empty name without '/'", r.name)
-    need(bool(r.storage_path), "run.storage_path", "a local or shared folder", r.storage_path)
-    r.storage_path = os.path.abspath(os.path.expanduser(r.storage_path))
+    need(bool(r.storage_path) and (r.storage_path.startswith("s3://") or not is_uri(r.storage_path)),
+         "run.storage_path", "a local/NFS folder or s3://bucket/prefix", r.storage_path)
+    need(r.keep_checkpoints is None or r.keep_checkpoints >= 1, "run.keep_checkpoints", "null or >= 1",
+         r.keep_checkpoints)
+    need(r.max_failures >= -1, "run.max_failures", "-1 (unlimited) or >= 0", r.max_failures)
+    if not is_uri(r.storage_path):
+        r.storage_path = os.path.abspath(os.path.expanduser(r.storage_path))
+    if r.resume_from and not is_uri(r.resume_from):
+        r.resume_from = os.path.abspath(os.path.expanduser(r.resume_from))
     d.path = os.path.abspath(os.path.expanduser(d.path))
 
 

@@ -2,25 +2,29 @@
 
     python pipelines/pretrain.py --config configs/demo.yaml [section.key=value ...]
     ray job submit --working-dir . -- python pipelines/pretrain.py --config configs/mae_vit_large.yaml \\
-        scaling.num_workers=64 data.path=/datasets/imagenet run.storage_path=/shared/runs
+        scaling.num_workers=64 data.path=/datasets/imagenet run.storage_path=s3://bucket/runs
 
-Running again with the same run.name and run.storage_path continues after the last
-completed epoch; raising train.epochs extends a finished run.
+Running again with the same run.name and run.storage_path continues from the run's latest
+checkpoint; raising train.epochs extends a finished run. Before any work starts, the config,
+the data, the storage and the cluster's resources are checked, each failure one line.
 """
 import argparse
 import os
 import sys
+from pathlib import Path
 
-import ray
-import ray.train
-from ray.train.torch import TorchConfig, TorchTrainer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
-from cluster.accelerators import ACCELERATORS
-from pipelines.config import Config, ConfigError, load_config, to_yaml
-from pipelines.data import DataError, ImageFolder, imagefolder_stream, list_imagefolder
-from pipelines.demo_data import write_digits
-from pipelines.run_files import write_atomic
-from pipelines.train_loop import NonFiniteLossError, train_loop_per_worker
+import ray  # noqa: E402
+import ray.train  # noqa: E402
+from ray.train.torch import TorchTrainer  # noqa: E402
+
+from cluster.preflight import PreflightError, check_cluster  # noqa: E402
+from cluster.torch_backend import AcceleratorTorchConfig  # noqa: E402
+from pipelines.config import Config, ConfigError, load_config, to_yaml  # noqa: E402
+from pipelines.data import DataError, ImageFolder, imagefolder_stream, list_imagefolder  # noqa: E402
+from pipelines.demo_data import write_digits  # noqa: E402
+from pipelines.train_loop import NonFiniteLossError, train_loop_per_worker  # noqa: E402
 
 
 def parse_args(argv=None) -> Config:
@@ -49,27 +53,36 @@ def iters_per_epoch(cfg: Config, num_images: int) -> int:
 
 
 def check_storage(cfg: Config) -> None:
+    """The run directory is writable: write the resolved config into it."""
+    storage = cfg.run_storage()
     try:
-        os.makedirs(cfg.run_dir, exist_ok=True)
-        write_atomic(os.path.join(cfg.run_dir, "config.yaml"), to_yaml(cfg))
+        storage.write("config.yaml", to_yaml(cfg))
     except OSError as e:
-        raise ConfigError(f"run.storage_path: cannot write the run directory {cfg.run_dir}: {e}") from None
+        raise ConfigError(f"run.storage_path: cannot write the run directory {storage.uri}: {e}") from None
+
+
+def per_worker_resources(cfg: Config) -> dict[str, float]:
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if cfg.accelerator.resource:
+        resources[cfg.accelerator.resource] = 1
+    return resources
 
 
 def build_trainer(cfg: Config, dataset: ray.data.Dataset, num_images: int) -> TorchTrainer:
     """The TorchTrainer of a run over `dataset` (rows with a uint8 HWC `image`)."""
-    accel = ACCELERATORS[cfg.scaling.accelerator]
-    resources = {"CPU": cfg.scaling.cpus_per_worker}
-    if accel.resource:
-        resources[accel.resource] = 1
+    root = cfg.storage_root()
+    row = cfg.accelerator
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "iters_per_epoch": iters_per_epoch(cfg, num_images)},
-        torch_config=TorchConfig(backend=accel.backend),
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers,
-                                               use_gpu=accel.resource == "GPU",
-                                               resources_per_worker=resources),
-        run_config=ray.train.RunConfig(name=cfg.run.name, storage_path=cfg.run.storage_path),
+        train_loop_config={"cfg": cfg.to_dict(), "iters_per_epoch": iters_per_epoch(cfg, num_images),
+                           "storage": root.child(cfg.run.name)},
+        torch_config=AcceleratorTorchConfig(accelerator=row),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=row.resource == "GPU",
+                                               resources_per_worker=per_worker_resources(cfg)),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name, storage_path=root.root, storage_filesystem=root.fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
         datasets={"train": dataset},
     )
 
@@ -87,6 +100,11 @@ def main(argv=None) -> int:
     ray.init(ignore_reinit_error=True)
     ray.data.DataContext.get_current().enable_progress_bars = False  # the train loop logs progress
     try:
+        check_cluster(cfg.accelerator, cfg.scaling.num_workers, per_worker_resources(cfg), cfg.data.min_cpus)
+    except PreflightError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
         dataset = imagefolder_stream(folder, cfg.model.input_size, cfg.train.seed, cfg.data.decode_batch_size)
         result = build_trainer(cfg, dataset, len(folder)).fit()
     except ray.train.TrainingFailedError as e:
@@ -94,11 +112,13 @@ def main(argv=None) -> int:
         nonfinite = [f for f in failures.values() if isinstance(f, NonFiniteLossError)]
         print(f"error: {nonfinite[0] if nonfinite else e}", file=sys.stderr)
         return 1
-    print(f"run directory: {cfg.run_dir}")
+    run = cfg.run_storage().uri
+    print(f"run directory: {run}")
     print(f"  latest checkpoint: {result.checkpoint.path if result.checkpoint else None}")
-    print(f"  config:            {os.path.join(cfg.run_dir, 'config.yaml')}")
-    print(f"  metrics:           {os.path.join(cfg.run_dir, 'metrics.jsonl')} (per epoch), steps.jsonl (per step)")
-    print(f"  loss curve:        {os.path.join(cfg.run_dir, 'loss_curve.png')}")
+    print(f"  config:            {run}/config.yaml")
+    print(f"  metrics:           {run}/metrics.jsonl (per epoch), {run}/steps.jsonl (per step)")
+    print(f"  loss curve:        {run}/loss_curve.png")
+    print(f"  reconstructions:   {run}/reconstructions/")
     if result.metrics:
         print(f"  final epoch {result.metrics['epoch']}: train_loss {result.metrics['train_loss']:.4f}")
     return 0

@@ -1,65 +1,54 @@
 """What a run leaves next to Ray's checkpoints: config.yaml, metrics.jsonl (one object per
-epoch), steps.jsonl (one per optimizer step) and loss_curve.png.
+epoch), steps.jsonl (one per optimizer step), loss_curve.png and reconstructions/.
 
-Files are rewritten whole and atomically (temporary file, then rename). On resume the
+Files are rewritten whole and atomically, on any storage (cluster.storage). On resume the
 records at or after the checkpoint's epoch/step are dropped first, so a resumed run holds
 each epoch and step exactly once even if the previous attempt died after writing them.
 """
 import json
-import os
-import tempfile
+
+from cluster.storage import Storage
 
 
-def write_atomic(path: str, data: bytes | str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; run files are for the whole team
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def read_jsonl(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_jsonl(storage: Storage, name: str) -> list[dict]:
+    data = storage.read(name)
+    return [json.loads(line) for line in data.decode().splitlines() if line.strip()] if data else []
 
 
 class RunLog:
     """The run's metrics and step records, kept in memory on rank 0 and flushed each epoch,
     with the figures and (optionally) TensorBoard events."""
 
-    def __init__(self, run_dir: str, start_epoch: int, start_step: int, tensorboard: bool = False):
-        self.run_dir = run_dir
-        self.metrics = [m for m in read_jsonl(self.path("metrics.jsonl")) if m["epoch"] < start_epoch]
-        self.steps = [s for s in read_jsonl(self.path("steps.jsonl")) if s["step"] <= start_step]
+    def __init__(self, storage: Storage, start_epoch: int, start_step: int, tensorboard: bool = False):
+        self.storage = storage
+        self.metrics = [m for m in read_jsonl(storage, "metrics.jsonl") if m["epoch"] < start_epoch]
+        self.steps = [s for s in read_jsonl(storage, "steps.jsonl") if s["step"] <= start_step]
         self.writer = None
         if tensorboard:
             from tensorboardX import SummaryWriter
-            # purge_step drops events a previous attempt wrote after the checkpoint
-            self.writer = SummaryWriter(self.path("tensorboard"), purge_step=start_step + 1)
+            # purge_step drops events a previous attempt wrote after the checkpoint;
+            # tensorboardX writes s3:// itself (same AWS environment variables)
+            logdir = f"{storage.uri}/tensorboard" if storage.uri.startswith("s3://") else storage.path("tensorboard")
+            self.writer = SummaryWriter(logdir, purge_step=start_step + 1)
 
-    def path(self, name: str) -> str:
-        return os.path.join(self.run_dir, name)
+    def flush_steps(self, step_records: list[dict]) -> None:
+        """Mid-epoch (with a mid-epoch checkpoint): the step records so far."""
+        self.steps.extend(step_records)
+        self.storage.write("steps.jsonl", "".join(json.dumps(r) + "\n" for r in self.steps))
+        if self.writer is not None:
+            self._write_events(None, step_records, None)
 
     def flush(self, epoch_metrics: dict, step_records: list[dict], reconstruction_png: bytes | None = None) -> None:
         self.metrics.append(epoch_metrics)
-        self.steps.extend(step_records)
-        for name, rows in (("steps.jsonl", self.steps), ("metrics.jsonl", self.metrics)):
-            write_atomic(self.path(name), "".join(json.dumps(r) + "\n" for r in rows))
-        write_atomic(self.path("loss_curve.png"), plot_loss_curve(self.steps, self.metrics))
+        self.flush_steps(step_records)
+        self.storage.write("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.metrics))
+        self.storage.write("loss_curve.png", plot_loss_curve(self.steps, self.metrics))
         if reconstruction_png is not None:
-            write_atomic(self.path(f"reconstructions/epoch_{epoch_metrics['epoch']:04d}.png"), reconstruction_png)
+            self.storage.write(f"reconstructions/epoch_{epoch_metrics['epoch']:04d}.png", reconstruction_png)
         if self.writer is not None:
-            self._write_events(epoch_metrics, step_records, reconstruction_png)
+            self._write_events(epoch_metrics, [], reconstruction_png)
 
-    def _write_events(self, epoch_metrics: dict, step_records: list[dict], png: bytes | None) -> None:
+    def _write_events(self, epoch_metrics: dict | None, step_records: list[dict], png: bytes | None) -> None:
         import io
 
         import numpy as np
@@ -68,9 +57,10 @@ class RunLog:
         for r in step_records:
             self.writer.add_scalar("train/loss", r["loss"], r["step"])
             self.writer.add_scalar("train/lr", r["lr"], r["step"])
-        last = step_records[-1]["step"] if step_records else 0
-        self.writer.add_scalar("epoch/train_loss", epoch_metrics["train_loss"], last)
-        self.writer.add_scalar("epoch/images_per_sec", epoch_metrics["images_per_sec"], last)
+        last = self.steps[-1]["step"] if self.steps else 0
+        if epoch_metrics is not None:
+            self.writer.add_scalar("epoch/train_loss", epoch_metrics["train_loss"], last)
+            self.writer.add_scalar("epoch/images_per_sec", epoch_metrics["images_per_sec"], last)
         if png is not None:
             grid = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
             self.writer.add_image("reconstructions", grid, last, dataformats="HWC")

@@ -1,8 +1,14 @@
 """The per-worker train loop that Ray Train runs on every worker.
 
-Each worker builds the model on its device, restores the latest checkpoint if Ray Train
-has one, wraps DDP itself, and trains on its shard of the Ray Data stream. Rank 0 writes
-the checkpoint and the run's log files each epoch; every rank reports to Ray Train.
+Each worker's plugin and device are set up before its process group exists
+(cluster/torch_backend.py). The loop builds the model, restores where the run left off
+(pipelines/train_state.py), wraps DDP itself and trains on its shard of the Ray Data
+stream. Rank 0 writes the checkpoint and the run's files at each epoch end (and every
+`train.checkpoint_every_steps` steps); every rank reports to Ray Train.
+
+A run resumed from a mid-epoch checkpoint continues at the next micro-batch with the
+right lr; the rest of that epoch is drawn from a fresh shuffle of the stream, so its
+images may differ from those the interrupted attempt would have seen.
 """
 import contextlib
 import logging
@@ -17,35 +23,25 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from cluster.accelerators import ACCELERATORS
-from mae import create_model
+from cluster.accelerators import prepare_device
+from mae.checkpoint import save_checkpoint
 from mae.model import preset
-from mae.visualize import grid_png, reconstruct
-from mae.checkpoint import load_checkpoint, save_checkpoint
-from mae.recipe import build_optimizer, fractional_epoch, lr_at, scaled_lr, set_lr
+from mae.recipe import fractional_epoch, lr_at, scaled_lr, set_lr
 from mae.transforms import normalize_on_device
+from mae.visualize import grid_png, reconstruct
 from pipelines.config import Config, from_dict
 from pipelines.data import held_out_images
 from pipelines.run_files import RunLog
+from pipelines.train_state import (CHECKPOINT_FILE, State, build_state, checkpoint_dict, restore,
+                                   starting_checkpoint)
 
 logger = logging.getLogger("mae.train")
 
-CHECKPOINT_FILE = "checkpoint.pth"
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the run stops without checkpointing the weights."""
-
-
-@dataclass
-class State:
-    """Everything a step changes, and everything resume restores."""
-    model: torch.nn.Module  # the bare model (not DDP-wrapped)
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    epoch: int = 0  # next epoch to train
-    step: int = 0  # optimizer steps completed so far
 
 
 @dataclass
@@ -69,13 +65,23 @@ class Schedule:
 
 @dataclass
 class EpochLog:
-    """Per-step losses kept on the device; synced (all-reduced) only every N steps."""
+    """Per-step losses of one epoch kept on the device; synced (all-reduced) every N steps.
+    Index j is the epoch's optimizer step `first + j`."""
     losses: torch.Tensor
+    first: int = 0  # first step index of the epoch this attempt runs (> 0 after a mid-epoch resume)
     lrs: list[float] = field(default_factory=list)
     epochs: list[float] = field(default_factory=list)
     synced: list[float] = field(default_factory=list)
-    done: int = 0  # optimizer steps completed this epoch
-    last_log: tuple[int, float] = (0, time.perf_counter())  # (steps done, time) at the last log line
+    written: int = 0  # records already written to steps.jsonl (by a mid-epoch checkpoint)
+    last_log: tuple[int, float] = (0, time.perf_counter())  # (records, time) at the last log line
+
+    def records(self, last_step: int) -> list[dict]:
+        """Step records synced but not yet written; `last_step` is the global step of the last."""
+        base = last_step - len(self.synced) + 1
+        new = [{"step": base + j, "epoch": self.epochs[j], "loss": self.synced[j], "lr": self.lrs[j]}
+               for j in range(self.written, len(self.synced))]
+        self.written = len(self.synced)
+        return new
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -83,54 +89,41 @@ def train_loop_per_worker(config: dict) -> None:
     cfg = from_dict(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = worker_device(cfg, ctx.get_local_rank())
+    row = cfg.accelerator
+    device = prepare_device(row, ctx.get_local_rank())  # already done before init_process_group; idempotent
+    if cfg.train.precision == "bf16" and not row.supports_bf16():
+        raise RuntimeError(f"train.precision=bf16: this {row.device_type} device does not support bf16; use fp16")
+    logger.info("rank %d: device %s, Ray resources %s", rank, device,
+                ray.get_runtime_context().get_assigned_resources())
     sched = Schedule(config["iters_per_epoch"], cfg.train.accum_iter,
                      cfg.optim.lr or scaled_lr(cfg.optim.blr, cfg.train.batch_size, cfg.train.accum_iter, world),
                      cfg.optim.min_lr, cfg.optim.warmup_epochs, cfg.train.epochs)
     state = build_state(cfg, device, sched.peak_lr)
-    restore(state, ray.train.get_checkpoint())
-    run_log = RunLog(cfg.run_dir, state.epoch, state.step, cfg.run.tensorboard) if rank == 0 else None
+    ckpt, source = starting_checkpoint(cfg)
+    restore(state, ckpt, sched.steps_per_epoch)
+    storage = config["storage"]
+    run_log = RunLog(storage, state.epoch, state.step, cfg.run.tensorboard) if rank == 0 else None
     figures = Figures(cfg, device) if rank == 0 else None
     model = wrap_model(state.model, cfg, world)
     if rank == 0:
-        logger.info("training %s from epoch %d (step %d) to %d: %d workers x batch %d x accum %d = %d "
-                    "images per step, lr %.3g, %d steps per epoch", cfg.model.name, state.epoch, state.step,
-                    cfg.train.epochs, world, cfg.train.batch_size, cfg.train.accum_iter,
-                    cfg.effective_batch, sched.peak_lr, sched.steps_per_epoch)
+        logger.info("training %s from epoch %d, micro-batch %d (step %d; %s) to epoch %d: %d workers x batch %d x "
+                    "accum %d = %d images per step, lr %.3g, %d steps per epoch", cfg.model.name, state.epoch,
+                    state.iteration, state.step, source, cfg.train.epochs, world, cfg.train.batch_size,
+                    cfg.train.accum_iter, cfg.effective_batch, sched.peak_lr, sched.steps_per_epoch)
     shard = ray.train.get_dataset_shard("train")
-    run_start = time.perf_counter()
-    first_epoch = state.epoch
+    eta_origin = (time.perf_counter(), state.step)
     for epoch in range(state.epoch, cfg.train.epochs):
-        torch.manual_seed(hash((cfg.train.seed, rank, epoch)) % 2**63)  # masking noise
+        torch.manual_seed(hash((cfg.train.seed, rank, epoch, state.iteration)) % 2**63)  # masking noise
         t0 = time.perf_counter()
-        log = train_one_epoch(cfg, sched, state, model, shard, device, epoch, world,
-                              eta_origin=(run_start, first_epoch))
+        log = train_one_epoch(cfg, sched, state, model, shard, device, epoch, world, run_log, eta_origin)
         seconds = time.perf_counter() - t0
-        state.epoch = epoch + 1
+        state.epoch, state.iteration = epoch + 1, 0
         metrics = {"epoch": epoch, "train_loss": sum(log.synced) / max(len(log.synced), 1),
                    "train_lr": log.lrs[-1] if log.lrs else 0.0, "steps": len(log.synced),
                    "images_per_sec": len(log.synced) * cfg.effective_batch / seconds,
                    "epoch_seconds": seconds}
-        report(state, cfg, metrics, log, run_log, figures)
-
-
-def worker_device(cfg: Config, local_rank: int) -> torch.device:
-    accel = ACCELERATORS[cfg.scaling.accelerator]
-    if accel.device_type == "cpu":
-        return torch.device("cpu")
-    device = torch.device(accel.device_type, local_rank % torch.cuda.device_count())
-    torch.cuda.set_device(device)
-    return device
-
-
-def build_state(cfg: Config, device: torch.device, lr: float) -> State:
-    torch.manual_seed(cfg.train.seed)
-    model = create_model(cfg.model.name, img_size=cfg.model.input_size,
-                         norm_pix_loss=cfg.model.norm_pix_loss).to(device)
-    optimizer = build_optimizer(model, lr=lr, weight_decay=cfg.optim.weight_decay,
-                                fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
-    return State(model, optimizer, scaler)
+        png = figures.reconstructions(state.model, epoch) if figures else None
+        report(state, cfg, metrics, run_log, lambda: run_log.flush(metrics, log.records(state.step), png))
 
 
 def wrap_model(model: torch.nn.Module, cfg: Config, world: int) -> torch.nn.Module:
@@ -140,30 +133,15 @@ def wrap_model(model: torch.nn.Module, cfg: Config, world: int) -> torch.nn.Modu
     fails for a graph, dynamo falls back to eager for it with a warning instead of
     stopping the run.
     """
-    accel = ACCELERATORS[cfg.scaling.accelerator]
-    if cfg.train.compile and accel.compiles:
+    if cfg.train.compile and cfg.accelerator.compiles:
         torch._dynamo.config.suppress_errors = True
         model.compile()
     elif cfg.train.compile:
         logger.warning("train.compile: torch.compile is not supported on %s; running eager",
-                       cfg.scaling.accelerator)
+                       cfg.accelerator.device_type)
     if world > 1:
         model = DistributedDataParallel(model, gradient_as_bucket_view=True)
     return model
-
-
-def restore(state: State, checkpoint: "ray.train.Checkpoint | None") -> None:
-    """Continue after the last completed epoch of the checkpoint Ray Train hands us."""
-    if checkpoint is None:
-        return
-    with checkpoint.as_directory() as d:
-        ckpt = load_checkpoint(os.path.join(d, CHECKPOINT_FILE))
-    state.model.load_state_dict(ckpt["model"], strict=True)
-    state.optimizer.load_state_dict(ckpt["optimizer"])
-    if ckpt.get("scaler"):
-        state.scaler.load_state_dict(ckpt["scaler"])
-    state.epoch = ckpt["epoch"] + 1
-    state.step = ckpt["step"]
 
 
 def micro_step(model: torch.nn.Module, images: torch.Tensor, device: torch.device, mask_ratio: float,
@@ -187,19 +165,21 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScale
 
 
 def train_one_epoch(cfg: Config, sched: Schedule, state: State, model: torch.nn.Module, shard,
-                    device: torch.device, epoch: int, world: int, eta_origin) -> EpochLog:
+                    device: torch.device, epoch: int, world: int, run_log: RunLog | None, eta_origin) -> EpochLog:
+    """Micro-batches `state.iteration` .. the last that fills an optimizer step."""
     accum, amp_dtype = sched.accum_iter, AMP_DTYPES[cfg.train.precision]
     used_iters = sched.steps_per_epoch * accum  # trailing micro-batches that fill no step are dropped
-    log = EpochLog(losses=torch.zeros(sched.steps_per_epoch, device=device))
+    start = state.iteration
+    log = EpochLog(losses=torch.zeros(sched.steps_per_epoch - start // accum, device=device), first=start // accum)
     model.train()
     state.optimizer.zero_grad(set_to_none=True)
     batches = shard.iter_torch_batches(batch_size=cfg.train.batch_size, drop_last=True, device="cpu",
                                        pin_memory=device.type == "cuda", prefetch_batches=2,
                                        dtypes={"image": torch.uint8, "label": torch.int64})
-    for i, batch in enumerate(batches):
+    for i, batch in enumerate(batches, start=start):
         if i >= used_iters:
-            continue
-        k = i // accum
+            break
+        j = i // accum - log.first
         if i % accum == 0:
             lr = sched.lr(epoch, i)
             set_lr(state.optimizer, lr)
@@ -208,15 +188,22 @@ def train_one_epoch(cfg: Config, sched: Schedule, state: State, model: torch.nn.
         last_micro = (i + 1) % accum == 0
         loss = micro_step(model, batch["image"], device, cfg.model.mask_ratio, accum, amp_dtype, state.scaler,
                           sync_grads=last_micro)
-        log.losses[k] += loss.float() / accum
-        if last_micro:
-            optimizer_step(state.optimizer, state.scaler)
-            state.step += 1
-            log.done += 1
-            if (k + 1) % cfg.train.log_every_steps == 0:
-                sync_losses(log, k + 1, state.step, world)
-                log_progress(cfg, sched, state, epoch, k + 1, log, eta_origin)
-    sync_losses(log, log.done, state.step, world)
+        log.losses[j] += loss.float() / accum
+        if not last_micro:
+            continue
+        optimizer_step(state.optimizer, state.scaler)
+        state.step += 1
+        if (j + 1) % cfg.train.log_every_steps == 0:
+            sync_losses(log, j + 1, state.step, world)
+            log_progress(cfg, sched, state, epoch, log, eta_origin)
+        every = cfg.train.checkpoint_every_steps
+        if every and state.step % every == 0 and i + 1 < used_iters:
+            sync_losses(log, j + 1, state.step, world)
+            state.iteration = i + 1
+            mid = {"epoch": epoch, "step": state.step, "mid_epoch": True,
+                   "train_loss": sum(log.synced) / len(log.synced)}
+            report(state, cfg, mid, run_log, lambda: run_log.flush_steps(log.records(state.step)))
+    sync_losses(log, len(log.lrs), state.step, world)
     return log
 
 
@@ -237,22 +224,20 @@ def sync_losses(log: EpochLog, upto: int, step: int, world: int) -> None:
     log.synced.extend(values)
 
 
-def log_progress(cfg: Config, sched: Schedule, state: State, epoch: int, k: int, log: EpochLog,
-                 eta_origin) -> None:
+def log_progress(cfg: Config, sched: Schedule, state: State, epoch: int, log: EpochLog, eta_origin) -> None:
     if ray.train.get_context().get_world_rank() != 0:
         return
-    run_start, first_epoch = eta_origin
-    elapsed = time.perf_counter() - run_start
-    done = (epoch - first_epoch) * sched.steps_per_epoch + k
-    left = (cfg.train.epochs - epoch) * sched.steps_per_epoch - k
-    eta = elapsed / max(done, 1) * left
-    recent = log.synced[log.last_log[0]:k]
+    run_start, first_step = eta_origin
     now = time.perf_counter()
+    total = cfg.train.epochs * sched.steps_per_epoch
+    eta = (now - run_start) / max(state.step - first_step, 1) * (total - state.step)
+    recent = log.synced[log.last_log[0]:]
     images_per_sec = len(recent) * cfg.effective_batch / (now - log.last_log[1])
-    log.last_log = (k, now)
+    log.last_log = (len(log.synced), now)
     logger.info("epoch %d/%d  step %d/%d  loss %.4f  lr %.3e  images/s %.1f  eta %s",
-                epoch, cfg.train.epochs, k, sched.steps_per_epoch, sum(recent) / len(recent), log.lrs[k - 1],
-                images_per_sec, time.strftime("%H:%M:%S", time.gmtime(eta)))
+                epoch, cfg.train.epochs, log.first + len(log.synced), sched.steps_per_epoch,
+                sum(recent) / len(recent), log.lrs[len(log.synced) - 1], images_per_sec,
+                time.strftime("%H:%M:%S", time.gmtime(eta)))
 
 
 class Figures:
@@ -270,33 +255,17 @@ class Figures:
         return grid_png(panels, title=f"epoch {epoch}")
 
 
-def report(state: State, cfg: Config, metrics: dict, log: EpochLog, run_log: RunLog | None,
-           figures: Figures | None) -> None:
-    """Rank 0 writes the run files and checkpoint.pth; every rank reports to Ray Train."""
+def report(state: State, cfg: Config, metrics: dict, run_log: RunLog | None, write_files) -> None:
+    """Rank 0 writes the run files (`write_files()`), then checkpoint.pth; every rank
+    reports to Ray Train, which uploads the checkpoint to the run directory."""
     if run_log is None:
         ray.train.report(metrics, checkpoint=None)
         return
-    first = state.step - len(log.synced) + 1
-    run_log.flush(metrics, [{"step": first + j, "epoch": log.epochs[j], "loss": log.synced[j], "lr": log.lrs[j]}
-                            for j in range(len(log.synced))],
-                  figures.reconstructions(state.model, metrics["epoch"]))
-    logger.info("epoch %d done: train_loss %.4f  lr %.3e  images/s %.1f", metrics["epoch"],
-                metrics["train_loss"], metrics["train_lr"], metrics["images_per_sec"])
+    write_files()
+    if not metrics.get("mid_epoch"):
+        logger.info("epoch %d done: train_loss %.4f  lr %.3e  images/s %.1f", metrics["epoch"],
+                    metrics["train_loss"], metrics["train_lr"], metrics["images_per_sec"])
     with tempfile.TemporaryDirectory() as d:
         save_checkpoint(checkpoint_dict(state, cfg), os.path.join(d, CHECKPOINT_FILE))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                         checkpoint_dir_name=f"checkpoint_epoch_{metrics['epoch']:04d}")
-
-
-def checkpoint_dict(state: State, cfg: Config) -> dict:
-    """The reference's keys ({'model', 'optimizer', 'epoch', 'scaler', 'args'}; `epoch` the
-    last completed one) plus ours: `step` (optimizer steps done) and the nested `config`."""
-    m, t, o = cfg.model, cfg.train, cfg.optim
-    args = {"model": m.name, "input_size": m.input_size, "mask_ratio": m.mask_ratio,
-            "norm_pix_loss": m.norm_pix_loss, "batch_size": t.batch_size, "accum_iter": t.accum_iter,
-            "epochs": t.epochs, "warmup_epochs": o.warmup_epochs, "blr": o.blr, "lr": o.lr,
-            "min_lr": o.min_lr, "weight_decay": o.weight_decay, "seed": t.seed,
-            "data_path": cfg.data.path, "world_size": cfg.scaling.num_workers}
-    return {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
-            "epoch": state.epoch - 1, "scaler": state.scaler.state_dict(), "args": args,
-            "step": state.step, "config": cfg.to_dict()}
+                         checkpoint_dir_name=f"checkpoint_epoch_{metrics['epoch']:04d}_step_{state.step:09d}")

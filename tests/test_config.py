@@ -31,7 +31,7 @@ def test_overrides_set_the_documented_keys(tmp_path):
         f"run.storage_path={tmp_path}", "train.epochs=1600", "train.batch_size=32", "optim.blr=1e-4",
         "optim.lr=null", "model.norm_pix_loss=false"])
     assert cfg.scaling.num_workers == 64 and cfg.data.path == "/datasets/imagenet"
-    assert cfg.run.name == "vitl-800" and cfg.run_dir == str(tmp_path / "vitl-800")
+    assert cfg.run.name == "vitl-800" and cfg.run_storage().uri == str(tmp_path / "vitl-800")
     assert cfg.train.epochs == 1600 and cfg.train.batch_size == 32 and cfg.optim.blr == 1e-4
     assert cfg.optim.lr is None and cfg.model.norm_pix_loss is False
 
@@ -46,7 +46,10 @@ def test_overrides_set_the_documented_keys(tmp_path):
     ("model.mask_ratio=1.5", r"model.mask_ratio: 1.5 is not allowed; must be in \(0, 1\)"),
     ("model.input_size=100", r"model.input_size: 100 is not allowed; must be a positive multiple of .* 16"),
     ("model.norm_pix_loss=maybe", r"model.norm_pix_loss: expected true or false, got 'maybe'"),
-    ("scaling.accelerator=tpu", r"scaling.accelerator: 'tpu' is not allowed; choose one of \['cpu', 'cuda'\]"),
+    ("scaling.accelerator=tpu", r"scaling.accelerator: 'tpu' is not allowed; choose one of \['cpu', 'cuda', 'npu', 'sdaa'\]"),
+    ("scaling.device_type=tpu", r"scaling.device_type: 'tpu' is not allowed; null or one of \['cpu', 'cuda', 'npu'"),
+    ("run.storage_path=gs://b/x", r"run.storage_path: 'gs://b/x' is not allowed; a local/NFS folder or s3://"),
+    ("run.keep_checkpoints=0", r"run.keep_checkpoints: 0 is not allowed; null or >= 1"),
     ("optim.warmup_epochs=900", r"optim.warmup_epochs: 900.0 is not allowed; must be >= 0 and < train.epochs"),
     ("train.epochs", r"'train.epochs': overrides look like section.key=value"),
 ])

@@ -88,7 +88,8 @@ def test_lr_follows_warmup_then_cosine(run):
 
 
 def test_resume_appends_exactly_one_epoch_with_restored_state(run):
-    assert "from epoch 2 (step 44)" in run["second"].stdout + run["second"].stderr
+    assert "from epoch 2, micro-batch 0 (step 44; the run's latest checkpoint" in \
+        run["second"].stdout + run["second"].stderr
     metrics = jsonl(run["dir"] / "metrics.jsonl")
     steps = jsonl(run["dir"] / "steps.jsonl")
     assert [m["epoch"] for m in metrics] == [0, 1, 2]
@@ -98,15 +99,16 @@ def test_resume_appends_exactly_one_epoch_with_restored_state(run):
     # the new epoch's lr comes from the extended schedule (3 epochs) at fractional epoch 2
     assert steps[44]["epoch"] == 2.0
     assert steps[44]["lr"] == pytest.approx(lr_at(2.0, 2.5e-4, 0.0, 1, 3))
-    assert checkpoints(run["dir"]) == ["checkpoint_epoch_0000", "checkpoint_epoch_0001", "checkpoint_epoch_0002"]
-    ckpt = load_checkpoint(run["dir"] / "checkpoint_epoch_0002" / "checkpoint.pth")
+    assert checkpoints(run["dir"]) == ["checkpoint_epoch_0000_step_000000022", "checkpoint_epoch_0001_step_000000044",
+                                       "checkpoint_epoch_0002_step_000000066"]
+    ckpt = load_checkpoint(run["dir"] / "checkpoint_epoch_0002_step_000000066" / "checkpoint.pth")
     assert ckpt["epoch"] == 2 and ckpt["step"] == 66
     assert {"model", "optimizer", "epoch", "scaler", "args"} <= ckpt.keys() and isinstance(ckpt["args"], dict)
     assert all(s["step"] == 66 for s in ckpt["optimizer"]["state"].values())  # AdamW state carried over
 
 
 def test_checkpoint_loads_into_fresh_model_strict(run):
-    ckpt = load_checkpoint(run["dir"] / "checkpoint_epoch_0001" / "checkpoint.pth")
+    ckpt = load_checkpoint(run["dir"] / "checkpoint_epoch_0001_step_000000044" / "checkpoint.pth")
     model = create_model("mae_vit_tiny_patch4", img_size=16)
     model.load_state_dict(ckpt["model"], strict=True)
     loss, _, _ = model(torch.randn(2, 3, 16, 16))

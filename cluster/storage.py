@@ -1,0 +1,77 @@
+"""Run storage: a local/NFS folder or an S3-compatible bucket, through pyarrow filesystems.
+
+Writes are whole-file and atomic: on a local filesystem a temporary file then a rename; on
+S3 an object appears whole when its upload completes.
+"""
+import os
+import uuid
+from dataclasses import dataclass
+
+import pyarrow.fs as pafs
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+@dataclass
+class Storage:
+    """A folder on some filesystem; paths given to its methods are relative to it."""
+    fs: pafs.FileSystem
+    root: str  # path inside `fs` (no scheme)
+    uri: str  # what the user wrote, for messages
+
+    def path(self, rel: str = "") -> str:
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def child(self, rel: str) -> "Storage":
+        return Storage(self.fs, self.path(rel), f"{self.uri.rstrip('/')}/{rel}")
+
+    def write(self, rel: str, data: bytes | str) -> None:
+        data = data.encode() if isinstance(data, str) else data
+        target = self.path(rel)
+        parent = target.rsplit("/", 1)[0]
+        self.fs.create_dir(parent, recursive=True)
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            tmp = f"{parent}/.{target.rsplit('/', 1)[1]}.{uuid.uuid4().hex}.tmp"
+            with self.fs.open_output_stream(tmp) as f:
+                f.write(data)
+            os.chmod(tmp, 0o644)
+            self.fs.move(tmp, target)
+        else:
+            with self.fs.open_output_stream(target) as f:
+                f.write(data)
+
+    def read(self, rel: str) -> bytes | None:
+        try:
+            with self.fs.open_input_stream(self.path(rel)) as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def listdir(self, rel: str = "") -> list[str]:
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path(rel), allow_not_found=True))
+        return sorted(i.base_name for i in infos)
+
+
+def s3_filesystem(endpoint: str | None = None, region: str | None = None) -> pafs.S3FileSystem:
+    """S3 or an S3-compatible store (MinIO, Ceph, moto): credentials from the usual AWS
+    environment variables / config files; `endpoint` e.g. http://127.0.0.1:9000."""
+    kwargs = {}
+    if endpoint:
+        kwargs["endpoint_override"] = endpoint
+        kwargs["scheme"] = "https" if endpoint.startswith("https") else "http"
+        kwargs["force_virtual_addressing"] = False
+    if region:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(**kwargs)
+
+
+def open_storage(uri: str, endpoint: str | None = None, region: str | None = None) -> Storage:
+    """`s3://bucket/prefix` or a local path (made absolute)."""
+    if uri.startswith("s3://"):
+        return Storage(s3_filesystem(endpoint, region), uri[len("s3://"):].rstrip("/"), uri)
+    if is_uri(uri):
+        raise ValueError(f"unsupported storage {uri!r}: use a local/NFS path or s3://bucket/prefix")
+    path = os.path.abspath(os.path.expanduser(uri))
+    return Storage(pafs.LocalFileSystem(), path, path)

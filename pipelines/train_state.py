@@ -1,0 +1,100 @@
+"""What a training worker saves and restores: model, optimizer, scaler and the position in
+the run (epoch, micro-batch within it, optimizer steps done).
+
+Where a run starts from, in this order: the run's own latest checkpoint (Ray Train's
+`get_checkpoint()`, after a re-submission or a worker failure), else `run.resume_from` (a
+checkpoint of ours or an official MAE .pth), else fresh weights.
+"""
+import io
+import logging
+import os
+from dataclasses import dataclass
+
+import ray.train
+import torch
+
+from cluster.storage import open_storage
+from mae import create_model
+from mae.checkpoint import load_checkpoint, model_state
+from mae.recipe import build_optimizer
+from pipelines.config import Config
+
+logger = logging.getLogger("mae.train")
+
+CHECKPOINT_FILE = "checkpoint.pth"
+
+
+@dataclass
+class State:
+    """Everything a step changes, and everything resume restores."""
+    model: torch.nn.Module  # the bare model (not DDP-wrapped)
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    epoch: int = 0  # epoch to train next (or to continue)
+    iteration: int = 0  # micro-batch of `epoch` to continue at (0 unless resumed mid-epoch)
+    step: int = 0  # optimizer steps completed so far
+
+
+def build_state(cfg: Config, device: torch.device, lr: float) -> State:
+    torch.manual_seed(cfg.train.seed)
+    model = create_model(cfg.model.name, img_size=cfg.model.input_size,
+                         norm_pix_loss=cfg.model.norm_pix_loss).to(device)
+    optimizer = build_optimizer(model, lr=lr, weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda")
+    scaler = cfg.accelerator.make_scaler(enabled=cfg.train.precision == "fp16")
+    return State(model, optimizer, scaler)
+
+
+def starting_checkpoint(cfg: Config) -> tuple[dict | None, str]:
+    """(checkpoint dict or None, where it came from), by the precedence above."""
+    latest = ray.train.get_checkpoint()
+    if latest is not None:
+        with latest.as_directory() as d:
+            return load_checkpoint(os.path.join(d, CHECKPOINT_FILE)), f"the run's latest checkpoint {latest.path}"
+    if cfg.run.resume_from:
+        folder, _, name = cfg.run.resume_from.rstrip("/").rpartition("/")
+        data = open_storage(folder or ".", cfg.run.s3_endpoint, cfg.run.s3_region).read(name)
+        if data is None:
+            raise FileNotFoundError(f"run.resume_from: no such checkpoint {cfg.run.resume_from!r}")
+        return load_checkpoint(io.BytesIO(data)), f"run.resume_from={cfg.run.resume_from}"
+    return None, "fresh weights"
+
+
+def restore(state: State, ckpt: dict | None, steps_per_epoch: int) -> None:
+    """Load a checkpoint of ours or the official code's into `state`.
+
+    Full model state dicts load strictly; encoder-only ones (the official
+    `mae_pretrain_vit_*.pth`) load the encoder, and the decoder keys they lack are named.
+    Where the checkpoint holds an optimizer and an epoch (ours, or the official training
+    checkpoints), the optimizer, scaler and position are restored too.
+    """
+    if ckpt is None:
+        return
+    missing, unexpected = state.model.load_state_dict(model_state(ckpt), strict=False)
+    if unexpected or any(not (k.startswith("decoder") or k == "mask_token") for k in missing):
+        raise ValueError(f"checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
+    if missing:
+        logger.info("checkpoint holds the encoder only; newly initialised: %s", ", ".join(missing))
+    if "optimizer" not in ckpt or "epoch" not in ckpt:
+        return
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler"):
+        state.scaler.load_state_dict(ckpt["scaler"])
+    position = ckpt.get("position") or {"epoch": ckpt["epoch"] + 1, "iteration": 0}
+    state.epoch, state.iteration = position["epoch"], position["iteration"]
+    state.step = ckpt.get("step", state.epoch * steps_per_epoch)
+
+
+def checkpoint_dict(state: State, cfg: Config) -> dict:
+    """The reference's keys ({'model', 'optimizer', 'epoch', 'scaler', 'args'}; `epoch` the
+    last completed one) plus ours: `step` (optimizer steps done), `position` (where to
+    continue: epoch and micro-batch) and the nested `config`."""
+    m, t, o = cfg.model, cfg.train, cfg.optim
+    args = {"model": m.name, "input_size": m.input_size, "mask_ratio": m.mask_ratio,
+            "norm_pix_loss": m.norm_pix_loss, "batch_size": t.batch_size, "accum_iter": t.accum_iter,
+            "epochs": t.epochs, "warmup_epochs": o.warmup_epochs, "blr": o.blr, "lr": o.lr,
+            "min_lr": o.min_lr, "weight_decay": o.weight_decay, "seed": t.seed,
+            "data_path": cfg.data.path, "world_size": cfg.scaling.num_workers}
+    return {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
+            "epoch": state.epoch - 1, "scaler": state.scaler.state_dict(), "args": args,
+            "step": state.step, "position": {"epoch": state.epoch, "iteration": state.iteration},
+            "config": cfg.to_dict()}
