@@ -15,6 +15,13 @@ RAY = str(Path(sys.executable).with_name("ray"))  # the venv's ray, so workers u
 # Token auth turns on when ~/.ray/auth_token exists; the CLI, the cluster, this process and
 # the entry points started by the tests must agree, so the tests run without it.
 os.environ["RAY_AUTH_MODE"] = "disabled"
+# Job entrypoints run the raylet's `python`: the venv's, when the cluster starts with it on PATH.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+# Credentials of the local S3 server (moto accepts any); set before the cluster starts so its
+# workers inherit them, as nodes of a real cluster have theirs.
+os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
+                  AWS_EC2_METADATA_DISABLED="true")
+SDAA_UNITS = 2  # the shared cluster advertises a custom `sdaa` resource, as SDAA nodes do
 
 
 def _free_port() -> int:
@@ -25,19 +32,20 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """`ray start --head` from the project's venv; yields its address (also set as
-    RAY_ADDRESS, so entry points started by tests join it)."""
+    """`ray start --head` from the project's venv, with 4 CPUs and 2 units of `sdaa`; yields
+    (GCS address, dashboard URL). The GCS address is also set as RAY_ADDRESS, so entry points
+    started by tests join the cluster."""
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    address = f"127.0.0.1:{_free_port()}"
+    address, dashboard_port = f"127.0.0.1:{_free_port()}", _free_port()
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     subprocess.run([RAY, "start", "--head", f"--port={address.split(':')[1]}", "--node-ip-address=127.0.0.1",
-                    "--num-cpus=4", f"--object-store-memory={400 * 2**20}", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={_free_port()}",
-                    f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+                    "--num-cpus=4", f"--resources={{\"sdaa\": {SDAA_UNITS}}}",
+                    f"--object-store-memory={400 * 2**20}", "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dashboard_port}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
                    check=True, env=env, capture_output=True)
     os.environ["RAY_ADDRESS"] = address
     try:
-        yield address
+        yield address, f"http://127.0.0.1:{dashboard_port}"
     finally:
         import ray
         ray.shutdown()
@@ -50,7 +58,7 @@ def ray_cluster():
 def ray_client(ray_cluster):
     """This process connected to the shared cluster (for tests that run Ray Data here)."""
     import ray
-    ray.init(address=ray_cluster, ignore_reinit_error=True, log_to_driver=False)
+    ray.init(address=ray_cluster[0], ignore_reinit_error=True, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     return ray
 
@@ -60,3 +68,51 @@ def digits(tmp_path_factory):
     """The real demo dataset (scikit-learn digits as JPEG files), written once."""
     from pipelines.demo_data import write_digits
     return write_digits(tmp_path_factory.mktemp("data") / "digits")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto) on 127.0.0.1 with a bucket `runs`; yields its URL."""
+    from moto.server import ThreadedMotoServer
+    import pyarrow.fs as pafs
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    fs = pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", force_virtual_addressing=False,
+                           allow_bucket_creation=True)
+    fs.create_dir("runs")
+    yield endpoint
+    server.stop()
+
+
+# Helpers for the end-to-end tests (imported from conftest).
+
+def run_pretrain(*overrides, config="configs/debug.yaml", timeout=600, wait=True):
+    """`python pipelines/pretrain.py --config CONFIG overrides...` in the repository root,
+    joining the shared cluster through RAY_ADDRESS."""
+    cmd = [sys.executable, "pipelines/pretrain.py", "--config", config, *overrides]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=os.environ)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=os.environ)
+
+
+def read_jsonl(path) -> list[dict]:
+    import json
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def checkpoint_dirs(run_dir) -> list[str]:
+    return sorted(p.name for p in Path(run_dir).glob("checkpoint_epoch_*"))
+
+
+def wait_for(predicate, timeout: float, what: str):
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")

@@ -1,0 +1,105 @@
+"""The accelerator table, the preflight arithmetic, storage, and the order in which a
+worker prepares its device and joins the process group (on the real local cluster)."""
+import dataclasses
+import json
+import re
+
+import pytest
+import ray.train
+import torch
+from ray.train.torch import TorchTrainer
+
+from cluster.accelerators import ACCELERATORS, prepare_device, resolve
+from cluster.preflight import fit_errors
+from cluster.storage import open_storage
+from cluster.torch_backend import AcceleratorTorchConfig
+
+EXPECTED_ROWS = {
+    # name: (device type, plugin, backend, Ray resource, visible-devices variable)
+    "cpu": ("cpu", None, "gloo", None, None),
+    "cuda": ("cuda", None, "nccl", "GPU", "CUDA_VISIBLE_DEVICES"),
+    "sdaa": ("sdaa", "torch_sdaa", "tccl", "sdaa", "SDAA_VISIBLE_DEVICES"),
+    "npu": ("npu", "torch_npu", "hccl", "NPU", "ASCEND_RT_VISIBLE_DEVICES"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_ROWS))
+def test_accelerator_rows(name):
+    row = ACCELERATORS[name]
+    assert (row.device_type, row.plugin, row.backend, row.resource, row.visible_devices) == EXPECTED_ROWS[name]
+    assert "fp32" in row.amp_dtypes and "bf16" in row.amp_dtypes
+    assert ("fp16" in row.amp_dtypes) == (name != "cpu")
+
+
+def test_scalers_per_row():
+    assert ACCELERATORS["sdaa"].scaler == "torch.sdaa.amp.GradScaler"
+    assert ACCELERATORS["npu"].scaler == "torch.npu.amp.GradScaler"
+    scaler = ACCELERATORS["cpu"].make_scaler(enabled=False)
+    assert isinstance(scaler, torch.amp.GradScaler) and not scaler.is_enabled()
+    assert ACCELERATORS["cuda"].make_scaler(enabled=False)._device == "cuda"
+
+
+def test_device_type_override_keeps_the_resource():
+    row = resolve("sdaa", "cpu")
+    assert (row.name, row.resource, row.device_type, row.plugin, row.backend) == ("sdaa", "sdaa", "cpu", None, "gloo")
+    assert resolve("sdaa") is ACCELERATORS["sdaa"]
+
+
+def test_missing_plugin_is_one_clear_error():
+    with pytest.raises(RuntimeError, match="scaling.accelerator=sdaa: cannot import its torch plugin 'torch_sdaa'"):
+        prepare_device(ACCELERATORS["sdaa"], 0)
+
+
+@pytest.mark.parametrize("workers,per_worker,data_cpus,nodes,message", [
+    (4, {"CPU": 1, "sdaa": 1}, 1, [{"CPU": 16, "sdaa": 2}], r"4 workers x 1 sdaa need 4 sdaa; the cluster has 2 sdaa"),
+    (2, {"CPU": 2}, 1, [{"CPU": 4}], r"2 workers x 2 CPU \+ 1 CPU for decoding \(data.min_cpus\) need 5 CPU; "
+                                     r"the cluster has 4 CPU on 1 node"),
+    (2, {"CPU": 1, "GPU": 1}, 0, [{"CPU": 8}], r"need 2 GPU; the cluster has 0 GPU"),
+    (4, {"CPU": 4, "GPU": 1}, 0, [{"CPU": 8, "GPU": 1}] * 2 + [{"CPU": 0, "GPU": 2}],
+     r"each worker needs \{'CPU': 4, 'GPU': 1\} on one node; only 2 such bundles fit"),
+])
+def test_fit_errors_name_the_resource_and_numbers(workers, per_worker, data_cpus, nodes, message):
+    errors = fit_errors(workers, per_worker, data_cpus, nodes)
+    assert len(errors) == 1
+    assert re.search(message, errors[0]), errors[0]
+
+
+def test_fits():
+    assert fit_errors(8, {"CPU": 1, "sdaa": 1}, 4, [{"CPU": 32, "sdaa": 4}, {"CPU": 32, "sdaa": 4}]) == []
+    assert fit_errors(2, {"CPU": 0.5}, 1, [{"CPU": 2}]) == []
+
+
+def test_local_and_s3_storage_write_read_list(tmp_path, s3_server):
+    for uri, endpoint in ((str(tmp_path / "runs"), None), ("s3://runs/storage-test", s3_server)):
+        run = open_storage(uri, endpoint).child("r1")
+        run.write("a/b.txt", "hello")
+        run.write("a/b.txt", b"hello again")  # whole-file replacement
+        assert run.read("a/b.txt") == b"hello again" and run.read("missing") is None
+        assert run.listdir("a") == ["b.txt"]
+    with pytest.raises(ValueError, match="unsupported storage 'gs://x'"):
+        open_storage("gs://x")
+
+
+def test_plugin_imported_and_device_set_before_the_process_group(ray_client, tmp_path):
+    """A row whose plugin is a real module: every worker imports it and sets its device
+    before init_process_group (recorded then), and the group exists when the loop runs.
+    Scheduled on the custom `sdaa` resource: one worker per unit."""
+    def report_preparation(config):  # defined here so that Ray ships it by value
+        import json
+        from cluster.accelerators import PREPARED
+        seen = {"prepared": dict(PREPARED), "initialized_in_loop": torch.distributed.is_initialized(),
+                "resources": ray.get_runtime_context().get_assigned_resources()}
+        rank = ray.train.get_context().get_world_rank()
+        (config["out"] / f"rank{rank}.json").write_text(json.dumps(seen))
+
+    row = dataclasses.replace(resolve("sdaa", "cpu"), plugin="colorsys")
+    trainer = TorchTrainer(
+        report_preparation, train_loop_config={"out": tmp_path}, torch_config=AcceleratorTorchConfig(accelerator=row),
+        scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.25, "sdaa": 1}),
+        run_config=ray.train.RunConfig(name="order", storage_path=str(tmp_path)))
+    trainer.fit()
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert seen["prepared"] == {"plugin": "colorsys", "device": "cpu", "process_group_initialized": False}
+        assert seen["initialized_in_loop"] is True
+        assert seen["resources"] == {"CPU": 0.25, "sdaa": 1.0}

@@ -1,0 +1,146 @@
+"""Running as users do on a cluster: `ray job submit`, stop and re-submit, a worker killed,
+resources that can never fit, checkpoints on an S3-compatible store, resume_from."""
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pyarrow.fs as pafs
+import pytest
+import torch
+
+from conftest import RAY, ROOT, SDAA_UNITS, checkpoint_dirs, read_jsonl, run_pretrain, wait_for
+from mae import create_model
+from mae.recipe import lr_at
+
+pytestmark = pytest.mark.slow
+STEPS_PER_EPOCH = (1438 // 2) // 32  # debug.yaml on the demo digits: 22
+
+
+def assert_each_epoch_and_step_once(run_dir, epochs):
+    assert [m["epoch"] for m in read_jsonl(run_dir / "metrics.jsonl")] == list(range(epochs))
+    assert [s["step"] for s in read_jsonl(run_dir / "steps.jsonl")] == list(range(1, epochs * STEPS_PER_EPOCH + 1))
+
+
+def test_job_submit_on_sdaa_nodes_stop_and_resubmit(ray_cluster, digits, tmp_path):
+    _, dashboard = ray_cluster
+    overrides = [f"data.path={digits}", f"run.storage_path={tmp_path}", "run.name=job", "train.epochs=4",
+                 "scaling.accelerator=sdaa", "scaling.device_type=cpu"]
+    submit = [RAY, "job", "submit", "--address", dashboard, "--working-dir", str(ROOT)]
+    entrypoint = ["--", "python", "pipelines/pretrain.py", "--config", "configs/debug.yaml", *overrides]
+    first = subprocess.run([*submit, "--no-wait", *entrypoint], capture_output=True, text=True, timeout=120,
+                           check=True)
+    job_id = re.search(r"raysubmit_\w+", first.stdout).group(0)
+    wait_for(lambda: checkpoint_dirs(tmp_path / "job"), 300, "the first checkpoint")
+    subprocess.run([RAY, "job", "stop", "--address", dashboard, job_id], check=True, capture_output=True, timeout=120)
+    status = subprocess.run([RAY, "job", "status", "--address", dashboard, job_id], capture_output=True, text=True)
+    assert "was stopped" in status.stdout
+    done_before = len(read_jsonl(tmp_path / "job" / "metrics.jsonl"))
+    assert 1 <= done_before < 4
+
+    second = subprocess.run([*submit, *entrypoint], capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:]
+    assert re.search(r"Job .raysubmit_\w+. succeeded", second.stdout)
+    assert re.search(r"from epoch [1-3], micro-batch 0 \(step \d+; the run's latest checkpoint", second.stdout)
+    assert_each_epoch_and_step_once(tmp_path / "job", 4)
+    # one worker per unit of the custom resource
+    placements = re.findall(r"rank (\d): device cpu, Ray resources \{'CPU': 0.5, 'sdaa': 1.0\}", second.stdout)
+    assert sorted(placements) == ["0", "1"] and SDAA_UNITS == 2
+
+
+def test_worker_killed_mid_run_is_survived(ray_cluster, digits, tmp_path):
+    proc = run_pretrain(f"data.path={digits}", f"run.storage_path={tmp_path}", "run.name=kill", "train.epochs=4",
+                        "run.max_failures=1", wait=False)
+    try:
+        wait_for(lambda: checkpoint_dirs(tmp_path / "kill"), 300, "the first checkpoint")
+        pids = subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True, text=True).stdout.split()
+        assert len(pids) == 2
+        os.kill(int(pids[-1]), signal.SIGKILL)
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    assert len(re.findall(r"training mae_vit_tiny_patch4 from epoch", out)) == 2  # started, then restarted
+    assert_each_epoch_and_step_once(tmp_path / "kill", 4)
+
+
+def test_resources_that_can_never_fit_fail_fast(ray_cluster, digits, tmp_path):
+    t0 = time.monotonic()
+    result = run_pretrain(f"data.path={digits}", f"run.storage_path={tmp_path}", "scaling.num_workers=3",
+                          "scaling.accelerator=sdaa", "scaling.device_type=cpu", timeout=120)
+    assert result.returncode == 2 and time.monotonic() - t0 < 60
+    assert "error: scaling: 3 workers x 1 sdaa need 3 sdaa; the cluster has 2 sdaa on 1 node(s)" in result.stderr
+    assert not checkpoint_dirs(tmp_path / "debug")
+
+
+def test_bad_paths_are_one_line_errors(digits, tmp_path):
+    result = run_pretrain(f"data.path={tmp_path / 'nothing'}", "data.build_demo=false", timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error: data.path:")
+    result = run_pretrain(f"data.path={digits}", "run.storage_path=/proc/not-writable", timeout=120)
+    assert result.returncode == 2
+    assert "error: run.storage_path: cannot write the run directory /proc/not-writable/debug" in result.stderr
+
+
+def _s3_objects(endpoint, prefix):
+    fs = pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", force_virtual_addressing=False)
+    infos = fs.get_file_info(pafs.FileSelector(prefix, recursive=True))
+    return fs, {i.path[len(prefix) + 1:] for i in infos if i.type == pafs.FileType.File}
+
+
+def test_checkpoints_on_s3_kept_bounded_resumed_and_resumed_from(ray_cluster, s3_server, digits, tmp_path):
+    s3 = ["run.storage_path=s3://runs/team", f"run.s3_endpoint={s3_server}", "run.name=s3run",
+          f"data.path={digits}", "train.checkpoint_every_steps=10", "run.keep_checkpoints=2",
+          "optim.warmup_epochs=0.5"]
+    first = run_pretrain(*s3, "train.epochs=1")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    fs, objects = _s3_objects(s3_server, "runs/team/s3run")
+    assert {"config.yaml", "metrics.jsonl", "steps.jsonl", "loss_curve.png", "reconstructions/epoch_0000.png",
+            "checkpoint_epoch_0000_step_000000020/checkpoint.pth",
+            "checkpoint_epoch_0000_step_000000022/checkpoint.pth"} <= objects
+    assert not any("step_000000010" in o for o in objects)  # only the 2 latest checkpoints are kept
+
+    second = run_pretrain(*s3, "train.epochs=2")
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    with fs.open_input_stream("runs/team/s3run/metrics.jsonl") as f:
+        assert [json.loads(line)["epoch"] for line in f.read().decode().splitlines()] == [0, 1]
+    with fs.open_input_stream("runs/team/s3run/steps.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f.read().decode().splitlines()] == list(range(1, 45))
+
+    # run.resume_from an s3:// checkpoint into a new local run
+    third = run_pretrain(f"data.path={digits}", f"run.storage_path={tmp_path}", "run.name=fork", "train.epochs=3",
+                         "optim.warmup_epochs=0.5", f"run.s3_endpoint={s3_server}",
+                         "run.resume_from=s3://runs/team/s3run/checkpoint_epoch_0001_step_000000044/checkpoint.pth")
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    assert "from epoch 2, micro-batch 0 (step 44; run.resume_from=s3://" in third.stdout + third.stderr
+    assert [s["step"] for s in read_jsonl(tmp_path / "fork" / "steps.jsonl")] == list(range(45, 67))
+
+
+def test_resume_from_mid_epoch_checkpoint_continues_at_that_step(ray_cluster, digits, tmp_path):
+    first = run_pretrain(f"data.path={digits}", f"run.storage_path={tmp_path}", "run.name=a", "train.epochs=1",
+                         "optim.warmup_epochs=0.5", "train.checkpoint_every_steps=10")
+    assert first.returncode == 0, first.stderr[-3000:]
+    mid = tmp_path / "a" / "checkpoint_epoch_0000_step_000000020" / "checkpoint.pth"
+    second = run_pretrain(f"data.path={digits}", f"run.storage_path={tmp_path}", "run.name=b", "train.epochs=1",
+                          "optim.warmup_epochs=0.5", f"run.resume_from={mid}")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "from epoch 0, micro-batch 20 (step 20; run.resume_from=" in second.stdout + second.stderr
+    steps = read_jsonl(tmp_path / "b" / "steps.jsonl")
+    assert [s["step"] for s in steps] == [21, 22]
+    assert steps[0]["epoch"] == pytest.approx(20 / 22)
+    assert steps[0]["lr"] == pytest.approx(lr_at(20 / 22, 2.5e-4, 0.0, 0.5, 1))
+    assert [m["epoch"] for m in read_jsonl(tmp_path / "b" / "metrics.jsonl")] == [0]
+
+
+def test_resume_from_official_encoder_only_checkpoint(ray_cluster, digits, tmp_path):
+    torch.manual_seed(3)
+    state = create_model("mae_vit_tiny_patch4", img_size=16).state_dict()
+    encoder_only = {k: v for k, v in state.items() if not k.startswith("decoder") and k != "mask_token"}
+    torch.save({"model": encoder_only}, tmp_path / "mae_pretrain_vit_tiny.pth")
+    result = run_pretrain(f"data.path={digits}", f"run.storage_path={tmp_path}", "run.name=official",
+                          "train.epochs=1", "optim.warmup_epochs=0.5", f"run.resume_from={tmp_path / 'mae_pretrain_vit_tiny.pth'}")
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    assert "checkpoint holds the encoder only; newly initialised: mask_token, decoder_pos_embed" in out
+    assert "from epoch 0, micro-batch 0 (step 0; run.resume_from=" in out
