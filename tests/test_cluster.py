@@ -103,3 +103,17 @@ def test_plugin_imported_and_device_set_before_the_process_group(ray_client, tmp
         assert seen["prepared"] == {"plugin": "colorsys", "device": "cpu", "process_group_initialized": False}
         assert seen["initialized_in_loop"] is True
         assert seen["resources"] == {"CPU": 0.25, "sdaa": 1.0}
+
+
+def test_cluster_files_declare_sdaa_token_auth_and_the_entry_point():
+    import yaml
+    from conftest import ROOT
+    launcher = yaml.safe_load((ROOT / "cluster" / "ray-cluster.yaml").read_text())
+    starts = " ".join(launcher["head_start_ray_commands"] + launcher["worker_start_ray_commands"])
+    assert starts.count("""--resources='{"sdaa": 8}'""") == 2 and starts.count("RAY_AUTH_MODE=token") == 2
+    assert "--dashboard-host=127.0.0.1" in starts
+    job = yaml.safe_load((ROOT / "cluster" / "kuberay-rayjob.yaml").read_text())
+    assert job["kind"] == "RayJob" and "pipelines/pretrain.py" in job["spec"]["entrypoint"]
+    spec = job["spec"]["rayClusterSpec"]
+    assert spec["authOptions"]["mode"] == "token" and spec["headGroupSpec"]["serviceType"] == "ClusterIP"
+    assert json.loads(json.loads(spec["workerGroupSpecs"][0]["rayStartParams"]["resources"])) == {"sdaa": 8}
