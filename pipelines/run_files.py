@@ -6,6 +6,10 @@ records at or after the checkpoint's epoch/step are dropped first, so a resumed 
 each epoch and step exactly once even if the previous attempt died after writing them.
 """
 import json
+import os
+import tempfile
+
+import pyarrow.fs as pafs
 
 from cluster.storage import Storage
 
@@ -26,10 +30,12 @@ class RunLog:
         self.writer = None
         if tensorboard:
             from tensorboardX import SummaryWriter
-            # purge_step drops events a previous attempt wrote after the checkpoint;
-            # tensorboardX writes s3:// itself (same AWS environment variables)
-            logdir = f"{storage.uri}/tensorboard" if storage.uri.startswith("s3://") else storage.path("tensorboard")
-            self.writer = SummaryWriter(logdir, purge_step=start_step + 1)
+            # events are written locally and, for remote storage, copied into the run
+            # directory after each flush; purge_step tells TensorBoard to drop the events
+            # a previous attempt wrote after the checkpoint
+            self.mirror = not isinstance(storage.fs, pafs.LocalFileSystem)
+            self.tb_dir = tempfile.mkdtemp(prefix="mae-tensorboard-") if self.mirror else storage.path("tensorboard")
+            self.writer = SummaryWriter(self.tb_dir, purge_step=start_step + 1)
 
     def flush_steps(self, step_records: list[dict]) -> None:
         """Mid-epoch (with a mid-epoch checkpoint): the step records so far."""
@@ -65,6 +71,10 @@ class RunLog:
             grid = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
             self.writer.add_image("reconstructions", grid, last, dataformats="HWC")
         self.writer.flush()
+        if self.mirror:
+            for name in os.listdir(self.tb_dir):
+                with open(os.path.join(self.tb_dir, name), "rb") as f:
+                    self.storage.write(f"tensorboard/{name}", f.read())
 
 
 def plot_loss_curve(steps: list[dict], metrics: list[dict]) -> bytes:

@@ -92,7 +92,7 @@ def _s3_objects(endpoint, prefix):
 def test_checkpoints_on_s3_kept_bounded_resumed_and_resumed_from(ray_cluster, s3_server, digits, tmp_path):
     s3 = ["run.storage_path=s3://runs/team", f"run.s3_endpoint={s3_server}", "run.name=s3run",
           f"data.path={digits}", "train.checkpoint_every_steps=10", "run.keep_checkpoints=2",
-          "optim.warmup_epochs=0.5"]
+          "optim.warmup_epochs=0.5", "run.tensorboard=true"]
     first = run_pretrain(*s3, "train.epochs=1")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     fs, objects = _s3_objects(s3_server, "runs/team/s3run")
@@ -100,6 +100,7 @@ def test_checkpoints_on_s3_kept_bounded_resumed_and_resumed_from(ray_cluster, s3
             "checkpoint_epoch_0000_step_000000020/checkpoint.pth",
             "checkpoint_epoch_0000_step_000000022/checkpoint.pth"} <= objects
     assert not any("step_000000010" in o for o in objects)  # only the 2 latest checkpoints are kept
+    assert any(o.startswith("tensorboard/events.out.tfevents.") for o in objects)
 
     second = run_pretrain(*s3, "train.epochs=2")
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
