@@ -1,32 +1,15 @@
 """The real entry point on the shared local Ray cluster: train, resume, extend, stop on NaN."""
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from conftest import checkpoint_dirs as checkpoints
+from conftest import read_jsonl as jsonl
+from conftest import run_pretrain as pretrain
 from mae import create_model
 from mae.checkpoint import load_checkpoint
 from mae.recipe import lr_at
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-def pretrain(*overrides, timeout=600):
-    cmd = [sys.executable, "pipelines/pretrain.py", "--config", "configs/debug.yaml", *overrides]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=os.environ)
-
-
-def jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
-
-
-def checkpoints(run_dir):
-    return sorted(p.name for p in Path(run_dir).glob("checkpoint_epoch_*"))
 
 
 @pytest.fixture(scope="module")
