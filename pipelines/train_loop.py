@@ -93,7 +93,7 @@ def train_loop_per_worker(config: dict) -> None:
     device = prepare_device(row, ctx.get_local_rank())  # already done before init_process_group; idempotent
     if cfg.train.precision == "bf16" and not row.supports_bf16():
         raise RuntimeError(f"train.precision=bf16: this {row.device_type} device does not support bf16; use fp16")
-    logger.info("rank %d: device %s, Ray resources %s", rank, device,
+    logger.info("rank %d: pid %d, device %s, Ray resources %s", rank, os.getpid(), device,
                 ray.get_runtime_context().get_assigned_resources())
     sched = Schedule(config["iters_per_epoch"], cfg.train.accum_iter,
                      cfg.optim.lr or scaled_lr(cfg.optim.blr, cfg.train.batch_size, cfg.train.accum_iter, world),
