@@ -78,7 +78,8 @@ def extract(folder: ImageFolder, checkpoint: str, random_init: bool, batch_size:
     workers = max(1, int(ray.cluster_resources().get("CPU", 1)) - 1)
     ds = ds.map_batches(Features, fn_constructor_kwargs=dict(checkpoint=checkpoint, random_init=random_init,
                                                             classes=folder.classes),
-                        batch_size=batch_size, batch_format="numpy", concurrency=workers, num_cpus=1)
+                        batch_size=batch_size, batch_format="numpy", num_cpus=1,
+                        compute=ray.data.ActorPoolStrategy(size=workers))
     rows = ds.take_all()
     return np.stack([r["features"] for r in rows]), np.array([r["label"] for r in rows])
 
