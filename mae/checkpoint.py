@@ -35,6 +35,15 @@ def model_state(ckpt: dict) -> dict:
     return ckpt["model"] if "model" in ckpt else ckpt
 
 
+def load_mae_state(model, state: dict, strict: bool = False) -> list[str]:
+    """Load an MAE state dict (full, or encoder-only as `mae_pretrain_vit_*.pth`) into
+    `model`; returns the keys the checkpoint lacked (decoder and mask token only)."""
+    missing, unexpected = model.load_state_dict(state, strict=strict)
+    if unexpected or any(not (k.startswith("decoder") or k == "mask_token") for k in missing):
+        raise ValueError(f"checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
+    return missing
+
+
 def architecture_of(state: dict) -> str:
     """The registered preset whose shapes the state dict has (patch size, widths, depths)."""
     from mae.model import MaskedAutoencoderViT, list_models, preset
@@ -76,7 +85,5 @@ def model_from_checkpoint(ckpt: dict, norm_pix_loss: bool | None = None, require
     if require_decoder and not has_decoder:
         raise ValueError("this checkpoint holds only an encoder (no decoder_* keys), so it cannot reconstruct "
                          "images; use a full checkpoint (ours, mae_pretrain_vit_*_full.pth or mae_visualize_vit_*.pth)")
-    missing, unexpected = model.load_state_dict(state, strict=has_decoder)
-    if unexpected or any(not (k.startswith("decoder") or k == "mask_token") for k in missing):
-        raise ValueError(f"checkpoint does not fit {name}: missing {missing}, unexpected {unexpected}")
+    load_mae_state(model, state, strict=has_decoder)
     return model, name

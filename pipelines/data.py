@@ -59,8 +59,13 @@ def held_out_images(root: str, size: int, n: int = 8) -> torch.Tensor:
     Returns uint8 [n, size, size, 3] (resize + centre crop)."""
     split = "val" if os.path.isdir(os.path.join(root, "val")) else "train"
     paths = list_imagefolder(root, split).paths
+    return eval_crops(evenly_spaced(paths, n), size)
+
+
+def eval_crops(paths: list[str], size: int) -> torch.Tensor:
+    """Local image files -> uint8 [N, size, size, 3], resized and centre-cropped."""
     crops = []
-    for path in evenly_spaced(paths, n):
+    for path in paths:
         with open(path, "rb") as f:
             crops.append(eval_resize_crop(decode_rgb(f.read()), size))
     return torch.stack(crops)

@@ -15,7 +15,7 @@ import torch
 
 from cluster.storage import open_storage
 from mae import create_model
-from mae.checkpoint import load_checkpoint, model_state
+from mae.checkpoint import load_checkpoint, load_mae_state, model_state
 from mae.recipe import build_optimizer
 from pipelines.config import Config
 
@@ -69,9 +69,7 @@ def restore(state: State, ckpt: dict | None, steps_per_epoch: int) -> None:
     """
     if ckpt is None:
         return
-    missing, unexpected = state.model.load_state_dict(model_state(ckpt), strict=False)
-    if unexpected or any(not (k.startswith("decoder") or k == "mask_token") for k in missing):
-        raise ValueError(f"checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
+    missing = load_mae_state(state.model, model_state(ckpt))
     if missing:
         logger.info("checkpoint holds the encoder only; newly initialised: %s", ", ".join(missing))
     if "optimizer" not in ckpt or "epoch" not in ckpt:

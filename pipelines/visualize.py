@@ -17,9 +17,9 @@ import sys
 import torch
 
 from mae.checkpoint import load_checkpoint, model_from_checkpoint
-from mae.transforms import decode_rgb, eval_resize_crop, normalize_on_device
+from mae.transforms import normalize_on_device
 from mae.visualize import grid_png, reconstruct
-from pipelines.data import IMAGE_EXTENSIONS, evenly_spaced
+from pipelines.data import IMAGE_EXTENSIONS, eval_crops, evenly_spaced
 
 
 def image_files(sources: list[str], limit: int) -> list[str]:
@@ -55,14 +55,11 @@ def main(argv=None) -> int:
         model, name = model_from_checkpoint(load_checkpoint(args.checkpoint), norm_pix)
         files = image_files(args.images, args.max_images)
         size = model.patch_embed.img_size[0]
-        crops = []
-        for path in files:
-            with open(path, "rb") as f:
-                crops.append(eval_resize_crop(decode_rgb(f.read()), size))
+        crops = eval_crops(files, size)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    imgs = normalize_on_device(torch.stack(crops), torch.device("cpu"))
+    imgs = normalize_on_device(crops, torch.device("cpu"))
     noise = torch.rand(len(imgs), model.patch_embed.num_patches, generator=torch.Generator().manual_seed(args.seed))
     panels = reconstruct(model.eval(), imgs, args.mask_ratio, noise)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
