@@ -169,9 +169,9 @@ def _coerce(key: str, value, tp):
     if tp is int:
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
         try:
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
             return int(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected an integer, got {value!r}") from None

@@ -73,7 +73,7 @@ class EpochLog:
     epochs: list[float] = field(default_factory=list)
     synced: list[float] = field(default_factory=list)
     written: int = 0  # records already written to steps.jsonl (by a mid-epoch checkpoint)
-    last_log: tuple[int, float] = (0, time.perf_counter())  # (records, time) at the last log line
+    last_log: tuple[int, float] = field(default_factory=lambda: (0, time.perf_counter()))  # (records, time)
 
     def records(self, last_step: int) -> list[dict]:
         """Step records synced but not yet written; `last_step` is the global step of the last."""

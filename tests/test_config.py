@@ -40,6 +40,7 @@ def test_overrides_set_the_documented_keys(tmp_path):
     ("train.epoch=3", r"train.epoch: unknown key; train has \[.*'epochs'"),
     ("trian.epochs=3", r"trian.epochs: unknown section 'trian'; sections are \['model', 'data'"),
     ("train.epochs=three", r"train.epochs: expected an integer, got 'three'"),
+    ("train.batch_size=1.5", r"train.batch_size: expected an integer, got 1.5"),
     ("train.batch_size=0", r"train.batch_size: 0 is not allowed; must be >= 1"),
     ("train.precision=fp8", r"train.precision: 'fp8' is not one of \['fp32', 'bf16', 'fp16'\]"),
     ("model.name=vit_b", r"model.name: 'vit_b' is not allowed; choose one of \[.*'mae_vit_base_patch16'"),
