@@ -1,5 +1,6 @@
 """What a run leaves next to Ray's checkpoints: config.yaml, metrics.jsonl (one object per
-epoch), steps.jsonl (one per optimizer step), loss_curve.png and reconstructions/.
+epoch), steps.jsonl (one per optimizer step), attempts.jsonl (one per start of the
+worker group), loss_curve.png and reconstructions/.
 
 Files are rewritten whole and atomically, on any storage (cluster.storage). On resume the
 records at or after the checkpoint's epoch/step are dropped first, so a resumed run holds
@@ -8,6 +9,7 @@ each epoch and step exactly once even if the previous attempt died after writing
 import json
 import os
 import tempfile
+import time
 
 import pyarrow.fs as pafs
 
@@ -36,6 +38,14 @@ class RunLog:
             self.mirror = not isinstance(storage.fs, pafs.LocalFileSystem)
             self.tb_dir = tempfile.mkdtemp(prefix="mae-tensorboard-") if self.mirror else storage.path("tensorboard")
             self.writer = SummaryWriter(self.tb_dir, purge_step=start_step + 1)
+
+    def record_attempt(self, attempt: dict) -> None:
+        """One line in attempts.jsonl per start of the worker group (the first start, each
+        resubmission, each restart after a failure): where it started from and where each
+        worker ran. The file is a history, never truncated."""
+        attempt = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **attempt}
+        self.attempts = read_jsonl(self.storage, "attempts.jsonl") + [attempt]
+        self.storage.write("attempts.jsonl", "".join(json.dumps(r) + "\n" for r in self.attempts))
 
     def flush_steps(self, step_records: list[dict]) -> None:
         """Mid-epoch (with a mid-epoch checkpoint): the step records so far."""

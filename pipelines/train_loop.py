@@ -93,8 +93,9 @@ def train_loop_per_worker(config: dict) -> None:
     device = prepare_device(row, ctx.get_local_rank())  # already done before init_process_group; idempotent
     if cfg.train.precision == "bf16" and not row.supports_bf16():
         raise RuntimeError(f"train.precision=bf16: this {row.device_type} device does not support bf16; use fp16")
-    logger.info("rank %d: pid %d, device %s, Ray resources %s", rank, os.getpid(), device,
-                ray.get_runtime_context().get_assigned_resources())
+    placement = worker_placement(rank, device)
+    logger.info("rank %d: pid %d on %s, device %s, Ray resources %s", rank, placement["pid"], placement["node_ip"],
+                device, placement["resources"])
     sched = Schedule(config["iters_per_epoch"], cfg.train.accum_iter,
                      cfg.optim.lr or scaled_lr(cfg.optim.blr, cfg.train.batch_size, cfg.train.accum_iter, world),
                      cfg.optim.min_lr, cfg.optim.warmup_epochs, cfg.train.epochs)
@@ -105,7 +106,10 @@ def train_loop_per_worker(config: dict) -> None:
     run_log = RunLog(storage, state.epoch, state.step, cfg.run.tensorboard) if rank == 0 else None
     figures = Figures(cfg, device) if rank == 0 else None
     model = wrap_model(state.model, cfg, world)
+    placements = gather_objects(placement, world)
     if rank == 0:
+        run_log.record_attempt({"epoch": state.epoch, "iteration": state.iteration, "step": state.step,
+                                "source": source, "workers": placements})
         logger.info("training %s from epoch %d, micro-batch %d (step %d; %s) to epoch %d: %d workers x batch %d x "
                     "accum %d = %d images per step, lr %.3g, %d steps per epoch", cfg.model.name, state.epoch,
                     state.iteration, state.step, source, cfg.train.epochs, world, cfg.train.batch_size,
@@ -124,6 +128,22 @@ def train_loop_per_worker(config: dict) -> None:
                    "epoch_seconds": seconds}
         png = figures.reconstructions(state.model, epoch) if figures else None
         report(state, cfg, metrics, run_log, lambda: run_log.flush(metrics, log.records(state.step), png))
+
+
+def worker_placement(rank: int, device: torch.device) -> dict:
+    """Where this worker runs: its rank, node, pid, device and the Ray resources it holds."""
+    ctx = ray.get_runtime_context()
+    return {"rank": rank, "node_ip": ray.util.get_node_ip_address(), "node_id": ctx.get_node_id(),
+            "pid": os.getpid(), "device": str(device), "resources": ctx.get_assigned_resources()}
+
+
+def gather_objects(obj, world: int) -> list:
+    """`obj` of every rank, in rank order (over the process group Ray Train set up)."""
+    if world == 1 or not dist.is_initialized():
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def wrap_model(model: torch.nn.Module, cfg: Config, world: int) -> torch.nn.Module:

@@ -108,6 +108,17 @@ def checkpoint_dirs(run_dir) -> list[str]:
     return sorted(p.name for p in Path(run_dir).glob("checkpoint_epoch_*"))
 
 
+def registered_checkpoints(run_dir) -> list[str]:
+    """Checkpoints Ray Train has registered for the run (a restart resumes from these; a
+    checkpoint folder appears before its upload is done and registered)."""
+    import json
+    try:
+        snapshot = json.loads((Path(run_dir) / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+    return [r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]]
+
+
 def wait_for(predicate, timeout: float, what: str):
     import time
     deadline = time.monotonic() + timeout

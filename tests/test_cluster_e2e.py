@@ -12,7 +12,8 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from conftest import RAY, ROOT, SDAA_UNITS, checkpoint_dirs, read_jsonl, run_pretrain, wait_for
+from conftest import (RAY, ROOT, SDAA_UNITS, checkpoint_dirs, read_jsonl, registered_checkpoints, run_pretrain,
+                      wait_for)
 from mae import create_model
 from mae.recipe import lr_at
 
@@ -35,7 +36,7 @@ def test_job_submit_on_sdaa_nodes_stop_and_resubmit(ray_cluster, digits, tmp_pat
     first = subprocess.run([*submit, "--no-wait", *entrypoint], capture_output=True, text=True, timeout=120,
                            check=True)
     job_id = re.search(r"raysubmit_\w+", first.stdout).group(0)
-    wait_for(lambda: checkpoint_dirs(tmp_path / "job"), 300, "the first checkpoint")
+    wait_for(lambda: registered_checkpoints(tmp_path / "job"), 300, "the first checkpoint")
     subprocess.run([RAY, "job", "stop", "--address", dashboard, job_id], check=True, capture_output=True, timeout=120)
     status = subprocess.run([RAY, "job", "status", "--address", dashboard, job_id], capture_output=True, text=True)
     assert "was stopped" in status.stdout
@@ -45,12 +46,17 @@ def test_job_submit_on_sdaa_nodes_stop_and_resubmit(ray_cluster, digits, tmp_pat
     second = subprocess.run([*submit, *entrypoint], capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:]
     assert re.search(r"Job .raysubmit_\w+. succeeded", second.stdout)
-    assert re.search(r"from epoch \d+, micro-batch 0 \(step \d+; the run's latest checkpoint", second.stdout)
     assert_each_epoch_and_step_once(tmp_path / "job", epochs)
+    # the run's own record of its starts: the resubmission continued from the latest checkpoint,
     # one worker per unit of the custom resource
-    placements = re.findall(r"rank (\d): pid \d+, device cpu, Ray resources \{'CPU': 0.5, 'sdaa': 1.0\}",
-                            second.stdout)
-    assert sorted(placements) == ["0", "1"] and SDAA_UNITS == 2
+    first_start, resumed = read_jsonl(tmp_path / "job" / "attempts.jsonl")
+    assert (first_start["epoch"], first_start["step"], first_start["source"]) == (0, 0, "fresh weights")
+    assert resumed["epoch"] >= 1 and resumed["step"] == resumed["epoch"] * STEPS_PER_EPOCH
+    assert resumed["source"].startswith("the run's latest checkpoint")
+    for attempt in (first_start, resumed):
+        assert [w["rank"] for w in attempt["workers"]] == [0, 1] and SDAA_UNITS == 2
+        assert all(w["device"] == "cpu" and w["resources"] == {"CPU": 0.5, "sdaa": 1.0} for w in attempt["workers"])
+        assert len({w["pid"] for w in attempt["workers"]}) == 2
 
 
 def test_worker_killed_mid_run_is_survived(ray_cluster, digits, tmp_path):
@@ -60,17 +66,18 @@ def test_worker_killed_mid_run_is_survived(ray_cluster, digits, tmp_path):
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
     try:
-        wait_for(lambda: checkpoint_dirs(tmp_path / "kill"), 300, "the first checkpoint")
-        pids = {int(m[2]) for m in re.finditer(r"rank (\d): pid (\d+)", "".join(lines)) if m[1] == "1"}
-        assert len(pids) == 1
-        os.kill(pids.pop(), signal.SIGKILL)  # rank 1's worker process
+        wait_for(lambda: registered_checkpoints(tmp_path / "kill"), 300, "the first checkpoint")
+        (attempt,) = read_jsonl(tmp_path / "kill" / "attempts.jsonl")
+        os.kill(attempt["workers"][1]["pid"], signal.SIGKILL)  # rank 1's worker process
         proc.wait(timeout=600)
         reader.join(timeout=30)
         out = "".join(lines)
     finally:
         proc.kill()
     assert proc.returncode == 0, out[-3000:]
-    assert len(re.findall(r"training mae_vit_tiny_patch4 from epoch", out)) == 2  # started, then restarted
+    first_start, restart = read_jsonl(tmp_path / "kill" / "attempts.jsonl")  # started, then restarted
+    assert restart["step"] >= STEPS_PER_EPOCH and restart["source"].startswith("the run's latest checkpoint")
+    assert restart["workers"][1]["pid"] != first_start["workers"][1]["pid"]
     assert_each_epoch_and_step_once(tmp_path / "kill", 6)
 
 
