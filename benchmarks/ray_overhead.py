@@ -12,6 +12,7 @@ epochs after the first (the first compiles nothing here but warms caches and sta
 Ray Data iterator), from each epoch's wall time. Last line: JSON with `ratio` = (b)/(a).
 """
 import argparse
+import io
 import json
 import sys
 import tempfile
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -63,8 +65,13 @@ def ray_loop(cfg, images: np.ndarray) -> list[float]:
     ray.init(num_cpus=max(2, int(cfg.scaling.cpus_per_worker) + 1), include_dashboard=False,
              object_store_memory=512 * 2**20, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    dataset = ray.data.from_items([{"image": img, "label": 0} for img in images]).materialize()
-    build_trainer(cfg, dataset, len(images)).fit()
+    dataset = ray.data.from_items([{"image": img, "label": 0, "skipped": 0} for img in images]).materialize()
+    held_out = []
+    for img in images[:8]:
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="PNG")
+        held_out.append(buf.getvalue())
+    build_trainer(cfg, dataset, len(images), held_out).fit()
     ray.shutdown()
     metrics = read_jsonl(cfg.run_storage(), "metrics.jsonl")
     return [m["epoch_seconds"] for m in metrics]

@@ -54,10 +54,13 @@ class Storage:
         return sorted(i.base_name for i in infos)
 
 
-def s3_filesystem(endpoint: str | None = None, region: str | None = None) -> pafs.S3FileSystem:
-    """S3 or an S3-compatible store (MinIO, Ceph, moto): credentials from the usual AWS
-    environment variables / config files; `endpoint` e.g. http://127.0.0.1:9000."""
+def s3_filesystem(endpoint: str | None = None, region: str | None = None, access_key: str | None = None,
+                  secret_key: str | None = None) -> pafs.S3FileSystem:
+    """S3 or an S3-compatible store (MinIO, Ceph, moto): credentials given, else from the
+    usual AWS environment variables / config files; `endpoint` e.g. http://127.0.0.1:9000."""
     kwargs = {}
+    if access_key:
+        kwargs.update(access_key=access_key, secret_key=secret_key)
     if endpoint:
         kwargs["endpoint_override"] = endpoint
         kwargs["scheme"] = "https" if endpoint.startswith("https") else "http"

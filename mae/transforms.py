@@ -74,8 +74,9 @@ def random_crop_flip(img: torch.Tensor, size: int, rng: np.random.Generator,
     return out.permute(1, 2, 0)
 
 
-def decode_crop_batch(blobs, size: int, rng: np.random.Generator, scale=(0.2, 1.0)):
-    """Decode + crop + flip a batch of encoded images.
+def decode_crop_batch(blobs, size: int, rng: np.random.Generator, scale=(0.2, 1.0), augment: bool = True):
+    """Decode + crop + flip a batch of encoded images (`augment=False`: resize + centre
+    crop instead, the evaluation view).
 
     Returns (uint8 array [B_ok, size, size, 3], indices of the blobs that decoded, errors
     as {index: message} for the ones that did not).
@@ -87,7 +88,7 @@ def decode_crop_batch(blobs, size: int, rng: np.random.Generator, scale=(0.2, 1.
         except ValueError as e:
             errors[i] = str(e)
             continue
-        crops.append(random_crop_flip(img, size, rng, scale))
+        crops.append(random_crop_flip(img, size, rng, scale) if augment else eval_resize_crop(img, size))
         ok.append(i)
     if crops:
         images = torch.stack(crops).numpy()
@@ -97,11 +98,14 @@ def decode_crop_batch(blobs, size: int, rng: np.random.Generator, scale=(0.2, 1.
 
 
 def normalize_on_device(images: torch.Tensor, device: torch.device, dtype=torch.float32) -> torch.Tensor:
-    """uint8 [N, H, W, 3] (any device) -> normalised float [N, 3, H, W] on `device`."""
-    x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).to(dtype).div_(255.0)
-    mean = torch.tensor(IMAGENET_MEAN, device=device, dtype=dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device, dtype=dtype).view(1, 3, 1, 1)
-    return x.sub_(mean).div_(std)
+    """uint8 [N, H, W, 3] (any device) -> normalised float [N, 3, H, W] on `device`:
+    one copy into the output (uint8 -> float, NHWC -> NCHW), then two in-place passes."""
+    x = images.to(device, non_blocking=True)
+    out = torch.empty((x.shape[0], 3, x.shape[1], x.shape[2]), device=device, dtype=dtype)
+    out.copy_(x.permute(0, 3, 1, 2))
+    mean = torch.tensor(IMAGENET_MEAN, device=device, dtype=dtype).view(1, 3, 1, 1) * 255
+    inv_std = 1 / (torch.tensor(IMAGENET_STD, device=device, dtype=dtype).view(1, 3, 1, 1) * 255)
+    return out.sub_(mean).mul_(inv_std)
 
 
 def eval_resize_crop(img: torch.Tensor, size: int, crop_pct: float = 224 / 256) -> torch.Tensor:

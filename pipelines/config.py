@@ -34,11 +34,38 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     path: str = ""
-    """Dataset root in the ImageFolder layout: `<path>/train/<class>/<image>`."""
+    """Where the training images are: a local/NFS path or s3://bucket/prefix. imagefolder:
+    the root holding `train/<class>/<image>`; webdataset/parquet: a folder of shards, a glob
+    (`shards/train-*.tar`) or a brace pattern (`imagenet1k-train-{0000..1023}.tar`)."""
+    format: Literal["imagefolder", "webdataset", "parquet"] = "imagefolder"
+    """Layout of `path`: ImageNet's class folders, WebDataset tar shards (image member
+    .jpg/.jpeg/.png with a .cls label) or Parquet shards (`image` struct with `bytes`,
+    integer `label`)."""
+    s3_endpoint: str | None = None
+    """Endpoint of the S3-compatible store holding `path` (MinIO, Ceph), e.g.
+    http://10.0.0.5:9000; null: AWS S3 (or AWS_ENDPOINT_URL)."""
+    s3_region: str | None = None
+    """Region of the data bucket (S3 proper)."""
+    s3_access_key: str | None = None
+    """Credentials for the data bucket; null: the usual AWS environment variables / files.
+    Never written to config.yaml or checkpoints."""
+    s3_secret_key: str | None = None
     build_demo: bool = False
     """If `path` holds no data, write the bundled demo dataset (handwritten digits) there."""
-    decode_batch_size: int = 64
-    """Images per decode + crop task."""
+    decode_batch_size: int = 256
+    """Images per decode + crop call (and per block leaving the decoders)."""
+    decode_cpus: float = 1.0
+    """CPUs each decode task reserves."""
+    decode_concurrency: int | None = None
+    """Most decode tasks running at once; null: the cluster's CPUs left by the training
+    workers / decode_cpus."""
+    read_files_per_task: int = 256
+    """imagefolder: files per read task (small blocks, many tasks, so all CPUs decode)."""
+    prefetch_batches: int = 4
+    """Batches each training worker keeps ready ahead of the one it trains on."""
+    object_store_memory: int | None = None
+    """Object store bytes the stream may hold (Ray Data's budget); null: Ray's default
+    share of the store."""
     min_cpus: float = 1.0
     """CPUs that must remain for decoding beyond the training workers' reservation; the
     preflight fails at once if the cluster cannot spare them."""
@@ -245,8 +272,19 @@ def validate(cfg: Config) -> None:
     need(m.input_size > 0 and m.input_size % patch == 0, "model.input_size",
          f"must be a positive multiple of {m.name}'s patch size {patch}", m.input_size)
     need(0.0 < m.mask_ratio < 1.0, "model.mask_ratio", "must be in (0, 1)", m.mask_ratio)
-    need(bool(d.path), "data.path", "set it to a folder holding train/<class>/<image>", d.path)
+    need(bool(d.path), "data.path", "set it to a folder holding train/<class>/<image> (or shards)", d.path)
+    need(d.path.startswith("s3://") or not is_uri(d.path), "data.path", "a local/NFS path or s3://bucket/prefix",
+         d.path)
     need(d.decode_batch_size >= 1, "data.decode_batch_size", "must be >= 1", d.decode_batch_size)
+    need(d.decode_cpus > 0, "data.decode_cpus", "must be > 0", d.decode_cpus)
+    need(d.decode_concurrency is None or d.decode_concurrency >= 1, "data.decode_concurrency", "null or >= 1",
+         d.decode_concurrency)
+    need(d.read_files_per_task >= 1, "data.read_files_per_task", "must be >= 1", d.read_files_per_task)
+    need(d.prefetch_batches >= 0, "data.prefetch_batches", "must be >= 0", d.prefetch_batches)
+    need(d.object_store_memory is None or d.object_store_memory > 0, "data.object_store_memory",
+         "null or > 0 (bytes)", d.object_store_memory)
+    need((d.s3_access_key is None) == (d.s3_secret_key is None), "data.s3_access_key",
+         "set data.s3_access_key and data.s3_secret_key together", "<redacted>")
     need(o.blr > 0, "optim.blr", "must be > 0", o.blr)
     need(o.lr is None or o.lr > 0, "optim.lr", "must be > 0 or null", o.lr)
     need(o.min_lr >= 0, "optim.min_lr", "must be >= 0", o.min_lr)
@@ -280,8 +318,21 @@ def validate(cfg: Config) -> None:
         r.storage_path = os.path.abspath(os.path.expanduser(r.storage_path))
     if r.resume_from and not is_uri(r.resume_from):
         r.resume_from = os.path.abspath(os.path.expanduser(r.resume_from))
-    d.path = os.path.abspath(os.path.expanduser(d.path))
+    if not is_uri(d.path):
+        d.path = os.path.abspath(os.path.expanduser(d.path))
+
+
+SECRETS = (("data", "s3_access_key"), ("data", "s3_secret_key"))
+
+
+def redacted(cfg_dict: dict) -> dict:
+    """The config as a dict with the credentials blanked, for files others may read."""
+    out = {section: dict(values) for section, values in cfg_dict.items()}
+    for section, key in SECRETS:
+        if out[section].get(key) is not None:
+            out[section][key] = "<redacted>"
+    return out
 
 
 def to_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    return yaml.safe_dump(redacted(cfg.to_dict()), sort_keys=False)

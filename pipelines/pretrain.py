@@ -22,8 +22,8 @@ from ray.train.torch import TorchTrainer  # noqa: E402
 from cluster.preflight import PreflightError, check_cluster  # noqa: E402
 from cluster.torch_backend import AcceleratorTorchConfig  # noqa: E402
 from pipelines.config import Config, ConfigError, load_config, to_yaml  # noqa: E402
-from pipelines.data import DataError, ImageFolder, imagefolder_stream, list_imagefolder  # noqa: E402
 from pipelines.demo_data import write_digits  # noqa: E402
+from pipelines.sources import DataError, Source, open_source  # noqa: E402
 from pipelines.train_loop import NonFiniteLossError, train_loop_per_worker  # noqa: E402
 
 
@@ -35,11 +35,29 @@ def parse_args(argv=None) -> Config:
     return load_config(args.config, args.overrides)
 
 
-def prepare_data(cfg: Config) -> ImageFolder:
-    if cfg.data.build_demo and not os.path.isdir(os.path.join(cfg.data.path, "train")):
-        print(f"writing the demo dataset (scikit-learn digits) to {cfg.data.path}")
-        write_digits(cfg.data.path)
-    return list_imagefolder(cfg.data.path)
+def prepare_data(cfg: Config) -> Source:
+    """The training images, listed and counted (the demo dataset written first if asked)."""
+    d = cfg.data
+    if d.build_demo and d.format == "imagefolder" and not d.path.startswith("s3://") \
+            and not os.path.isdir(os.path.join(d.path, "train")):
+        print(f"writing the demo dataset (scikit-learn digits) to {d.path}")
+        write_digits(d.path)
+    return open_source(d.format, d.path, d.s3_endpoint, d.s3_region, d.s3_access_key, d.s3_secret_key)
+
+
+def build_stream(cfg: Config, source: Source) -> ray.data.Dataset:
+    """The training stream with the data.* resource settings; call after ray.init."""
+    d = cfg.data
+    if d.object_store_memory:
+        limits = ray.data.DataContext.get_current().execution_options.resource_limits
+        ray.data.DataContext.get_current().execution_options.resource_limits = limits.copy(
+            object_store_memory=d.object_store_memory)
+    concurrency = d.decode_concurrency
+    if concurrency is None:  # the CPUs the training workers leave
+        spare = ray.cluster_resources().get("CPU", 0) - cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+        concurrency = max(1, int(spare // d.decode_cpus))
+    return source.stream(cfg.model.input_size, cfg.train.seed, d.decode_batch_size, d.read_files_per_task,
+                         d.decode_cpus, concurrency)
 
 
 def iters_per_epoch(cfg: Config, num_images: int) -> int:
@@ -68,14 +86,15 @@ def per_worker_resources(cfg: Config) -> dict[str, float]:
     return resources
 
 
-def build_trainer(cfg: Config, dataset: ray.data.Dataset, num_images: int) -> TorchTrainer:
-    """The TorchTrainer of a run over `dataset` (rows with a uint8 HWC `image`)."""
+def build_trainer(cfg: Config, dataset: ray.data.Dataset, num_images: int, held_out: list[bytes]) -> TorchTrainer:
+    """The TorchTrainer of a run over `dataset` (rows: uint8 HWC `image`, `label`,
+    `skipped`) of `num_images` per epoch; `held_out`: encoded images for the figures."""
     root = cfg.storage_root()
     row = cfg.accelerator
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "iters_per_epoch": iters_per_epoch(cfg, num_images),
-                           "storage": root.child(cfg.run.name)},
+                           "storage": root.child(cfg.run.name), "held_out": held_out},
         torch_config=AcceleratorTorchConfig(accelerator=row),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=row.resource == "GPU",
                                                resources_per_worker=per_worker_resources(cfg)),
@@ -90,13 +109,15 @@ def build_trainer(cfg: Config, dataset: ray.data.Dataset, num_images: int) -> To
 def main(argv=None) -> int:
     try:
         cfg = parse_args(argv)
-        folder = prepare_data(cfg)
-        iters_per_epoch(cfg, len(folder))
+        source = prepare_data(cfg)
+        iters_per_epoch(cfg, len(source))
         check_storage(cfg)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{len(folder)} training images in {len(folder.classes)} classes from {cfg.data.path}")
+    classes = f" in {len(source.classes)} classes" if source.classes else ""
+    print(f"{len(source)} training images{classes} in {len(source.files)} {source.format} "
+          f"{'files' if source.format == 'imagefolder' else 'shards'} from {cfg.data.path}")
     ray.init(ignore_reinit_error=True)
     ray.data.DataContext.get_current().enable_progress_bars = False  # the train loop logs progress
     try:
@@ -105,8 +126,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        dataset = imagefolder_stream(folder, cfg.model.input_size, cfg.train.seed, cfg.data.decode_batch_size)
-        result = build_trainer(cfg, dataset, len(folder)).fit()
+        result = build_trainer(cfg, build_stream(cfg, source), len(source), source.held_out(8)).fit()
     except ray.train.TrainingFailedError as e:
         failures = getattr(e, "worker_failures", {}) or {}
         nonfinite = [f for f in failures.values() if isinstance(f, NonFiniteLossError)]

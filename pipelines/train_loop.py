@@ -30,7 +30,7 @@ from mae.recipe import fractional_epoch, lr_at, scaled_lr, set_lr
 from mae.transforms import normalize_on_device
 from mae.visualize import grid_png, reconstruct
 from pipelines.config import Config, from_dict
-from pipelines.data import held_out_images
+from pipelines.data import eval_crops
 from pipelines.run_files import RunLog
 from pipelines.train_state import (CHECKPOINT_FILE, State, build_state, checkpoint_dict, restore,
                                    starting_checkpoint)
@@ -72,6 +72,7 @@ class EpochLog:
     lrs: list[float] = field(default_factory=list)
     epochs: list[float] = field(default_factory=list)
     synced: list[float] = field(default_factory=list)
+    skipped: int = 0  # undecodable images met this epoch, over all workers (set at the epoch's end)
     written: int = 0  # records already written to steps.jsonl (by a mid-epoch checkpoint)
     last_log: tuple[int, float] = field(default_factory=lambda: (0, time.perf_counter()))  # (records, time)
 
@@ -104,7 +105,7 @@ def train_loop_per_worker(config: dict) -> None:
     restore(state, ckpt, sched.steps_per_epoch)
     storage = config["storage"]
     run_log = RunLog(storage, state.epoch, state.step, cfg.run.tensorboard) if rank == 0 else None
-    figures = Figures(cfg, device) if rank == 0 else None
+    figures = Figures(cfg, config["held_out"], device) if rank == 0 else None
     model = wrap_model(state.model, cfg, world)
     placements = gather_objects(placement, world)
     if rank == 0:
@@ -125,7 +126,7 @@ def train_loop_per_worker(config: dict) -> None:
         metrics = {"epoch": epoch, "train_loss": sum(log.synced) / max(len(log.synced), 1),
                    "train_lr": log.lrs[-1] if log.lrs else 0.0, "steps": len(log.synced),
                    "images_per_sec": len(log.synced) * cfg.effective_batch / seconds,
-                   "epoch_seconds": seconds}
+                   "epoch_seconds": seconds, "skipped_images": log.skipped}
         png = figures.reconstructions(state.model, epoch) if figures else None
         report(state, cfg, metrics, run_log, lambda: run_log.flush(metrics, log.records(state.step), png))
 
@@ -194,9 +195,11 @@ def train_one_epoch(cfg: Config, sched: Schedule, state: State, model: torch.nn.
     model.train()
     state.optimizer.zero_grad(set_to_none=True)
     batches = shard.iter_torch_batches(batch_size=cfg.train.batch_size, drop_last=True, device="cpu",
-                                       pin_memory=device.type == "cuda", prefetch_batches=2,
-                                       dtypes={"image": torch.uint8, "label": torch.int64})
+                                       pin_memory=device.type == "cuda", prefetch_batches=cfg.data.prefetch_batches,
+                                       dtypes={"image": torch.uint8, "label": torch.int64, "skipped": torch.int8})
+    skipped = torch.zeros((), dtype=torch.int64)
     for i, batch in enumerate(batches, start=start):
+        skipped += batch["skipped"].sum()
         if i >= used_iters:
             break
         j = i // accum - log.first
@@ -224,6 +227,10 @@ def train_one_epoch(cfg: Config, sched: Schedule, state: State, model: torch.nn.
                    "train_loss": sum(log.synced) / len(log.synced)}
             report(state, cfg, mid, run_log, lambda: run_log.flush_steps(log.records(state.step)))
     sync_losses(log, len(log.lrs), state.step, world)
+    if world > 1:
+        skipped = skipped.to(device)  # the collective runs on the process group's device
+        dist.all_reduce(skipped)
+    log.skipped = int(skipped)
     return log
 
 
@@ -263,8 +270,8 @@ def log_progress(cfg: Config, sched: Schedule, state: State, epoch: int, log: Ep
 class Figures:
     """Rank 0's reconstructions of a fixed held-out set, with fixed masks, after each epoch."""
 
-    def __init__(self, cfg: Config, device: torch.device):
-        self.images = normalize_on_device(held_out_images(cfg.data.path, cfg.model.input_size), device)
+    def __init__(self, cfg: Config, held_out: list[bytes], device: torch.device):
+        self.images = normalize_on_device(eval_crops(held_out, cfg.model.input_size), device)
         num_patches = (cfg.model.input_size // preset(cfg.model.name)["patch_size"]) ** 2
         generator = torch.Generator().manual_seed(cfg.train.seed)
         self.noise = torch.rand(len(self.images), num_patches, generator=generator).to(device)

@@ -17,7 +17,7 @@ from cluster.storage import open_storage
 from mae import create_model
 from mae.checkpoint import load_checkpoint, load_mae_state, model_state
 from mae.recipe import build_optimizer
-from pipelines.config import Config
+from pipelines.config import Config, redacted
 
 logger = logging.getLogger("mae.train")
 
@@ -95,4 +95,4 @@ def checkpoint_dict(state: State, cfg: Config) -> dict:
     return {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
             "epoch": state.epoch - 1, "scaler": state.scaler.state_dict(), "args": args,
             "step": state.step, "position": {"epoch": state.epoch, "iteration": state.iteration},
-            "config": cfg.to_dict()}
+            "config": redacted(cfg.to_dict())}

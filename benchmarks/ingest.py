@@ -1,0 +1,103 @@
+"""Does our Ray Data stream feed more images per second than a plain PyTorch DataLoader?
+
+    python benchmarks/ingest.py --data DIR [--format imagefolder|webdataset|parquet]
+        [--baseline-data IMAGEFOLDER] [--seconds 20] [--cpus N] [--s3-endpoint URL]
+
+On the same machine, the same number of CPUs and in one process, it measures:
+  (a) the baseline: `torch.utils.data.DataLoader` (num_workers = CPUs, shuffled, batch 64)
+      over torchvision's `ImageFolder` of `--baseline-data` (default `--data`) with the
+      paper's PIL transforms: RandomResizedCrop(224, scale=(0.2, 1.0), bicubic), flip,
+      ToTensor, Normalize;
+  (b) ours: the training stream of pipelines/sources.py over `--data` in `--format`,
+      consumed as a train worker consumes it: `iter_torch_batches`, then normalisation.
+Each side runs `--seconds` after its first batch (start-up is not counted; epochs are
+restarted as training restarts them). Last line: JSON with `baseline_images_per_sec`,
+`ours_images_per_sec` and `ratio` = ours / baseline.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mae.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_on_device  # noqa: E402
+from pipelines.sources import open_source  # noqa: E402
+
+
+def timed(batches, seconds: float) -> float:
+    """Images/s over `seconds` of `batches()` (a fresh epoch iterator per call), after the first batch."""
+    images, t0 = 0, None
+    while True:
+        seen = 0
+        for seen, batch in enumerate(batches(), start=1):
+            if t0 is None:
+                t0 = time.perf_counter()
+                continue
+            images += len(batch)
+            if time.perf_counter() - t0 >= seconds:
+                return images / (time.perf_counter() - t0)
+        if not seen:
+            raise SystemExit("error: an epoch gave no batch: fewer images than --batch")
+
+
+def baseline(root: str, cpus: int, seconds: float, batch: int, size: int) -> float:
+    from torchvision import datasets, transforms
+
+    tf = transforms.Compose([
+        transforms.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    loader = torch.utils.data.DataLoader(datasets.ImageFolder(os.path.join(root, "train"), transform=tf),
+                                         batch_size=batch, shuffle=True, num_workers=cpus, drop_last=True,
+                                         persistent_workers=True)
+    return timed(lambda: (images for images, _ in loader), seconds)
+
+
+def ours(data: str, fmt: str, cpus: int, seconds: float, batch: int, size: int, endpoint: str | None) -> float:
+    import ray
+
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+             object_store_memory=min(2 * 2**30, 300 * 2**20 * cpus))
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        ds = open_source(fmt, data, endpoint).stream(size, seed=0)
+        device = torch.device("cpu")
+
+        def epoch():
+            for b in ds.iter_torch_batches(batch_size=batch, drop_last=True, prefetch_batches=4,
+                                           dtypes={"image": torch.uint8, "label": torch.int64, "skipped": torch.int8}):
+                yield normalize_on_device(b["image"], device)
+        return timed(epoch, seconds)
+    finally:
+        ray.shutdown()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, help="what our stream reads (local path or s3://)")
+    ap.add_argument("--format", default="imagefolder", choices=["imagefolder", "webdataset", "parquet"])
+    ap.add_argument("--baseline-data", help="the ImageFolder root the DataLoader reads (default: --data)")
+    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--cpus", type=int, default=os.cpu_count())
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--input-size", type=int, default=224)
+    ap.add_argument("--s3-endpoint", help="endpoint of an S3-compatible store holding --data")
+    args = ap.parse_args()
+    base_root = args.baseline_data or args.data
+    if args.format != "imagefolder" and not args.baseline_data:
+        ap.error("--baseline-data: the DataLoader reads an ImageFolder; name the one the shards came from")
+    torch.set_num_threads(1)  # the consumer's normalisation; the decoders run in their own processes
+
+    base = baseline(base_root, args.cpus, args.seconds, args.batch, args.input_size)
+    print(f"(a) DataLoader, {args.cpus} workers, PIL transforms ({base_root}): {base:8.1f} images/s")
+    mine = ours(args.data, args.format, args.cpus, args.seconds, args.batch, args.input_size, args.s3_endpoint)
+    print(f"(b) Ray Data stream, {args.cpus} CPUs ({args.format}, {args.data}):     {mine:8.1f} images/s")
+    print(json.dumps({"baseline_images_per_sec": base, "ours_images_per_sec": mine, "ratio": mine / base}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""The three source layouts, local and on the S3-compatible server: what goes in comes out
+(count, labels, pixels); the converter's shards read back; real-world files."""
+import collections
+import hashlib
+import io
+import json
+import shutil
+
+import numpy as np
+import pyarrow.fs as pafs
+import pytest
+from PIL import Image
+
+from mae.transforms import decode_rgb, eval_resize_crop
+from pipelines.prepare_shards import convert, parse_size
+from pipelines.sources import DataError, expand_braces, list_imagefolder, list_shards, open_source
+
+SIZE = 32
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory):
+    """24 real photographs (500x375 JPEG q90) in 3 classes, plus the oddities of ImageNet that
+    must decode (CMYK, grayscale, a PNG named .JPEG)."""
+    from pipelines.demo_data import write_photos
+    root = write_photos(tmp_path_factory.mktemp("photos") / "p", 24, num_classes=3)
+    base = Image.open(next((root / "train" / "n00000000").iterdir())).convert("RGB")
+    base.convert("CMYK").save(root / "train" / "n00000001" / "cmyk.JPEG", format="JPEG", quality=90)
+    base.convert("L").save(root / "train" / "n00000002" / "gray.JPEG", format="JPEG", quality=90)
+    base.save(root / "train" / "n00000002" / "png_named.JPEG", format="PNG")
+    return root
+
+
+def add_broken_files(root) -> int:
+    return add_broken_files_to(root / "train" / "n00000001")
+
+
+def expected(root) -> collections.Counter:
+    """(label, digest of the centre crop) of every image of an ImageFolder."""
+    paths, classes = list_imagefolder(pafs.LocalFileSystem(), str(root))
+    out = collections.Counter()
+    for p in paths:
+        crop = eval_resize_crop(decode_rgb(open(p, "rb").read()), SIZE).numpy()
+        out[(classes.index(p.rsplit("/", 2)[-2]), hashlib.sha1(crop.tobytes()).hexdigest())] += 1
+    return out
+
+
+def streamed(source, augment=False):
+    rows = source.stream(SIZE, seed=0, batch_size=8, read_files_per_task=5, augment=augment).take_all()
+    return collections.Counter((int(r["label"]), hashlib.sha1(r["image"].tobytes()).hexdigest()) for r in rows), rows
+
+
+def upload(local_dir, fs, prefix):
+    for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+        target = f"{prefix}/{path.relative_to(local_dir).as_posix()}"
+        fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(target) as f:
+            f.write(path.read_bytes())
+
+
+def s3fs(endpoint):
+    return pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", force_virtual_addressing=False)
+
+
+@pytest.mark.parametrize("fmt", ["imagefolder", "parquet", "webdataset"])
+def test_every_format_local_and_on_s3_gives_back_what_went_in(ray_client, photos, s3_server, tmp_path, fmt):
+    want = expected(photos)
+    if fmt == "imagefolder":
+        local = str(photos)
+        upload(photos / "train", s3fs(s3_server), f"runs/data-{fmt}/train")
+    else:
+        local = str(tmp_path / fmt)
+        manifest = convert(str(photos), local, fmt, shard_size=400 * 2**10)
+        assert manifest["num_images"] == sum(want.values()) and manifest["num_shards"] >= 3
+        convert(str(photos), f"s3://runs/data-{fmt}", fmt, shard_size=400 * 2**10, s3_endpoint=s3_server)
+    for uri in (local, f"s3://runs/data-{fmt}"):
+        source = open_source(fmt, uri, endpoint=s3_server)
+        assert len(source) == sum(want.values())
+        got, rows = streamed(source)
+        assert got == want  # count, label histogram and the pixels of each centre crop
+        assert all(r["skipped"] == 0 for r in rows)
+
+
+def test_training_crops_are_random_uint8_and_new_each_epoch(ray_client, photos):
+    ds = open_source("imagefolder", str(photos)).stream(SIZE, seed=0, batch_size=8)
+    first = [r["image"] for r in ds.take_all()]
+    second = [r["image"] for r in ds.take_all()]
+    assert first[0].dtype == np.uint8 and first[0].shape == (SIZE, SIZE, 3)
+    digests = [{hashlib.sha1(i.tobytes()).hexdigest() for i in epoch} for epoch in (first, second)]
+    assert not digests[0] & digests[1]  # fresh crops every execution
+
+
+def test_file_and_shard_order_is_reshuffled_every_epoch(ray_client, photos, tmp_path):
+    convert(str(photos), str(tmp_path / "wds"), "webdataset", shard_size=100 * 2**10)
+    for fmt, path in (("imagefolder", str(photos)), ("webdataset", str(tmp_path / "wds"))):
+        ds = open_source(fmt, path).stream(SIZE, seed=3, batch_size=8, augment=False)
+        orders = [[int(r["label"]) * 0 + hash(r["image"].tobytes()) for r in ds.take_all()] for _ in range(3)]
+        assert sorted(orders[0]) == sorted(orders[1]) == sorted(orders[2])
+        assert len({tuple(o) for o in orders}) == 3, fmt
+
+
+@pytest.mark.parametrize("fmt", ["imagefolder", "parquet", "webdataset"])
+def test_undecodable_files_are_skipped_counted_and_replaced(ray_client, photos, tmp_path, fmt, caplog):
+    root = tmp_path / "broken"
+    shutil.copytree(photos, root)
+    bad = add_broken_files(root)
+    if fmt != "imagefolder":
+        convert(str(root), str(tmp_path / fmt), fmt, shard_size=400 * 2**10)  # bytes stored as they are
+        root = tmp_path / fmt
+    source = open_source(fmt, str(root))
+    total = sum(expected(photos).values()) + bad
+    assert len(source) == total
+    _, rows = streamed(source, augment=True)
+    assert len(rows) == total  # batches stay whole: fresh crops of good images stand in
+    assert sum(int(r["skipped"]) for r in rows) == bad
+
+
+def test_converter_is_idempotent_and_refuses_other_arguments(ray_client, photos, tmp_path):
+    dst = tmp_path / "pq"
+    first = convert(str(photos), str(dst), "parquet", shard_size=300 * 2**10)
+    stamps = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in dst.glob("*.parquet")}
+    second = convert(str(photos), str(dst), "parquet", shard_size=300 * 2**10)
+    assert second["reused_shards"] == second["num_shards"] == first["num_shards"] == len(stamps)
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in dst.glob("*.parquet")} == stamps
+    assert second["num_images"] == first["num_images"]
+    assert json.loads((dst / "classes.json").read_text()) == ["n00000000", "n00000001", "n00000002"]
+    assert not list(dst.glob(".*"))  # no temporary files left
+    # an interrupted run: one shard missing, the rest kept
+    victim = sorted(stamps)[1]
+    (dst / victim).unlink()
+    third = convert(str(photos), str(dst), "parquet", shard_size=300 * 2**10)
+    assert third["reused_shards"] == len(stamps) - 1 and (dst / victim).read_bytes() == stamps[victim][1]
+    with pytest.raises(DataError, match="other arguments"):
+        convert(str(photos), str(dst), "parquet", shard_size=300 * 2**10, max_side=320)
+
+
+def test_max_side_reencodes_and_skips_what_does_not_decode(ray_client, photos, tmp_path):
+    root = tmp_path / "src"
+    shutil.copytree(photos, root)
+    bad = add_broken_files(root)
+    manifest = convert(str(root), str(tmp_path / "small"), "webdataset", max_side=320)
+    assert len(manifest["skipped"]) == bad and manifest["num_images"] == sum(expected(photos).values())
+    source = open_source("webdataset", str(tmp_path / "small"))
+    for blob in source.held_out(4):
+        img = Image.open(io.BytesIO(blob))
+        assert img.format == "JPEG" and max(img.size) == 320
+
+
+def test_epoch_size_without_a_manifest_and_path_patterns(ray_client, photos, tmp_path):
+    for fmt, ext in (("parquet", "parquet"), ("webdataset", "tar")):
+        dst = tmp_path / fmt
+        manifest = convert(str(photos), str(dst), fmt, shard_size=300 * 2**10)
+        (dst / "manifest.json").unlink()  # as published shards come: counted from footers / headers
+        n = manifest["num_shards"]
+        assert len(open_source(fmt, str(dst))) == manifest["num_images"]
+        assert len(open_source(fmt, f"{dst}/train-*.{ext}")) == manifest["num_images"]
+        brace = f"{dst}/train-{{00000..{n - 1:05d}}}-of-{n:05d}.{ext}"
+        assert len(list_shards(pafs.LocalFileSystem(), brace, fmt)) == n
+        assert len(open_source(fmt, brace)) == manifest["num_images"]
+    assert expand_braces("a-{00..02}.tar") == ["a-00.tar", "a-01.tar", "a-02.tar"]
+    assert expand_braces("{x,y}-{1..2}") == ["x-1", "x-2", "y-1", "y-2"]
+    assert parse_size("512MB") == 512 * 2**20 and parse_size("1.5GiB") == int(1.5 * 2**30)
+
+
+def test_missing_or_empty_sources_are_named(tmp_path):
+    with pytest.raises(DataError, match="no .tar shards"):
+        open_source("webdataset", str(tmp_path))
+    with pytest.raises(DataError, match="1 of the 2 shards of the pattern do not exist"):
+        (tmp_path / "s-0.tar").write_bytes(b"")
+        open_source("webdataset", f"{tmp_path}/s-{{0..1}}.tar")
+    with pytest.raises(DataError, match="has no train/ folder"):
+        open_source("imagefolder", str(tmp_path))
+
+
+@pytest.mark.slow
+def test_pretraining_on_webdataset_shards_on_s3_counts_skipped_images(ray_cluster, ray_client, s3_server, digits,
+                                                                       tmp_path):
+    from conftest import read_jsonl, run_pretrain
+    src = tmp_path / "digits"
+    shutil.copytree(digits, src)
+    bad = add_broken_files_to(src / "train" / "3")
+    convert(str(src), "s3://runs/digits-wds", "webdataset", shard_size=256 * 2**10, s3_endpoint=s3_server)
+    result = run_pretrain("data.format=webdataset", "data.path=s3://runs/digits-wds", f"data.s3_endpoint={s3_server}",
+                          f"run.storage_path={tmp_path}", "run.name=wds", "train.epochs=1", "optim.warmup_epochs=0.5")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "1441 training images in 10 classes in" in result.stdout
+    (metrics,) = read_jsonl(tmp_path / "wds" / "metrics.jsonl")
+    assert metrics["skipped_images"] == bad and metrics["steps"] == (1441 // 2) // 32
+    assert (tmp_path / "wds" / "reconstructions" / "epoch_0000.png").exists()
+
+
+def add_broken_files_to(folder) -> int:
+    jpeg = next(folder.glob("*.JPEG")).read_bytes()
+    (folder / "truncated.JPEG").write_bytes(jpeg[:100])
+    (folder / "empty.JPEG").write_bytes(b"")
+    (folder / "text.JPEG").write_bytes(b"this is not an image\n")
+    return 3
+
+
+def test_ingest_benchmark_prints_both_rates(photos, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, as a user runs it
+    out = subprocess.run([sys.executable, "benchmarks/ingest.py", "--data", str(photos), "--seconds", "2",
+                          "--cpus", "2", "--batch", "8", "--input-size", "64"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["baseline_images_per_sec"] > 0 and result["ours_images_per_sec"] > 0
+    assert result["ratio"] == pytest.approx(result["ours_images_per_sec"] / result["baseline_images_per_sec"])
