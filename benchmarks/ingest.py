@@ -33,14 +33,17 @@ def timed(batches, seconds: float) -> float:
     """Images/s over `seconds` of `batches()` (a fresh epoch iterator per call), after the first batch."""
     images, t0 = 0, None
     while True:
-        seen = 0
-        for seen, batch in enumerate(batches(), start=1):
-            if t0 is None:
-                t0 = time.perf_counter()
-                continue
-            images += len(batch)
-            if time.perf_counter() - t0 >= seconds:
-                return images / (time.perf_counter() - t0)
+        seen, epoch = 0, batches()
+        try:
+            for seen, batch in enumerate(epoch, start=1):
+                if t0 is None:
+                    t0 = time.perf_counter()
+                    continue
+                images += len(batch)
+                if time.perf_counter() - t0 >= seconds:
+                    return images / (time.perf_counter() - t0)
+        finally:
+            epoch.close()  # stops the iterator's prefetching before its runtime goes away
         if not seen:
             raise SystemExit("error: an epoch gave no batch: fewer images than --batch")
 
@@ -73,6 +76,9 @@ def ours(data: str, fmt: str, cpus: int, seconds: float, batch: int, size: int, 
                 yield normalize_on_device(b["image"], device)
         return timed(epoch, seconds)
     finally:
+        import gc
+        gc.collect()  # the closed iterators' prefetch threads end before the runtime does
+        time.sleep(1)
         ray.shutdown()
 
 

@@ -60,7 +60,8 @@ class DataConfig:
     """Most decode tasks running at once; null: the cluster's CPUs left by the training
     workers / decode_cpus."""
     read_files_per_task: int = 256
-    """imagefolder: files per read task (small blocks, many tasks, so all CPUs decode)."""
+    """Images per read task: imagefolder files, or Parquet rows (a shard is split by row
+    groups); a WebDataset tar is one task. Many tasks, so all CPUs decode to the end of an epoch."""
     prefetch_batches: int = 4
     """Batches each training worker keeps ready ahead of the one it trains on."""
     object_store_memory: int | None = None

@@ -263,10 +263,16 @@ def _imagefolder_samples(fs: pafs.FileSystem, paths: list[str], class_index: dic
         yield data, class_index[path.rsplit("/", 2)[-2]], path
 
 
-def _parquet_samples(fs: pafs.FileSystem, shard: str, batch_size: int):
+def _parquet_samples(fs: pafs.FileSystem, shard: str, batch_size: int, part: int = 0, parts: int = 1):
+    """Samples of the `part`-th of `parts` contiguous runs of the shard's row groups."""
     import pyarrow.parquet as pq
     with fs.open_input_file(shard) as f:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=["image", "label"]):
+        pf = pq.ParquetFile(f)
+        n = pf.num_row_groups
+        groups = list(range(part * n // parts, (part + 1) * n // parts))
+        if not groups:
+            return
+        for batch in pf.iter_batches(batch_size=batch_size, row_groups=groups, columns=["image", "label"]):
             image = batch.column("image")
             blobs = image.field("bytes").to_pylist()
             names = (image.field("path").to_pylist() if image.type.get_field_index("path") >= 0
@@ -320,8 +326,12 @@ class ImageDatasource(ray.data.Datasource):
         return f"DecodeCrop({self.source.format})"
 
     def num_tasks(self) -> int:
-        n = len(self.source.files)
-        return -(-n // self.files_per_task) if self.source.format == "imagefolder" else n
+        src = self.source
+        if src.format == "imagefolder":
+            return -(-len(src.files) // self.files_per_task)
+        if src.format == "parquet":
+            return sum(max(1, c // self.files_per_task) for c in src.counts)
+        return len(src.files)
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list:
         from ray.data.block import BlockAccessor, BlockMetadata
@@ -335,7 +345,14 @@ class ImageDatasource(ray.data.Datasource):
             units = [[src.files[i] for i in order[k:k + self.files_per_task]]
                      for k in range(0, len(order), self.files_per_task)]
             rows = [len(u) for u in units]
-        else:
+        elif src.format == "parquet":  # a shard is split into parts of about files_per_task rows (row groups)
+            pieces = [(src.files[i], k, max(1, src.counts[i] // self.files_per_task), src.counts[i])
+                      for i in range(len(src.files))
+                      for k in range(max(1, src.counts[i] // self.files_per_task))]
+            order = rng.permutation(len(pieces))
+            units = [pieces[i][:3] for i in order]
+            rows = [pieces[i][3] // pieces[i][2] for i in order]
+        else:  # a tar shard is read start to end by one task
             order = rng.permutation(len(src.files))
             units = [src.files[i] for i in order]
             rows = [src.counts[i] for i in order]
@@ -349,7 +366,7 @@ class ImageDatasource(ray.data.Datasource):
             if fmt == "imagefolder":
                 samples = _imagefolder_samples(fs, unit, class_index)
             elif fmt == "parquet":
-                samples = _parquet_samples(fs, unit, batch)
+                samples = _parquet_samples(fs, unit[0], batch, unit[1], unit[2])
             else:
                 samples = _tar_samples(fs, unit)
             chunk = []
@@ -362,7 +379,8 @@ class ImageDatasource(ray.data.Datasource):
                 yield BlockAccessor.batch_to_block(decode_batch(*map(list, zip(*chunk)), size, augment))
 
         return [ReadTask(lambda unit=unit: read(unit),
-                         BlockMetadata(num_rows=n, size_bytes=n * size * size * 3,
-                                       input_files=tuple(unit) if isinstance(unit, list) else (unit,), exec_stats=None),
+                         BlockMetadata(num_rows=n, size_bytes=n * size * size * 3, exec_stats=None,
+                                       input_files=tuple(unit) if isinstance(unit, list) else (unit[0],)
+                                       if isinstance(unit, tuple) else (unit,)),
                          per_task_row_limit=per_task_row_limit)
                 for unit, n in zip(units, rows)]
