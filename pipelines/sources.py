@@ -330,8 +330,12 @@ class ImageDatasource(ray.data.Datasource):
         if src.format == "imagefolder":
             return -(-len(src.files) // self.files_per_task)
         if src.format == "parquet":
-            return sum(max(1, c // self.files_per_task) for c in src.counts)
+            return sum(self.parts(c) for c in src.counts)
         return len(src.files)
+
+    def parts(self, rows: int) -> int:
+        """Read tasks a Parquet shard of `rows` rows is split into (by row groups)."""
+        return max(1, rows // self.files_per_task)
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list:
         from ray.data.block import BlockAccessor, BlockMetadata
@@ -346,9 +350,8 @@ class ImageDatasource(ray.data.Datasource):
                      for k in range(0, len(order), self.files_per_task)]
             rows = [len(u) for u in units]
         elif src.format == "parquet":  # a shard is split into parts of about files_per_task rows (row groups)
-            pieces = [(src.files[i], k, max(1, src.counts[i] // self.files_per_task), src.counts[i])
-                      for i in range(len(src.files))
-                      for k in range(max(1, src.counts[i] // self.files_per_task))]
+            pieces = [(shard, k, self.parts(n), n) for shard, n in zip(src.files, src.counts)
+                      for k in range(self.parts(n))]
             order = rng.permutation(len(pieces))
             units = [pieces[i][:3] for i in order]
             rows = [pieces[i][3] // pieces[i][2] for i in order]
