@@ -70,10 +70,14 @@ def ours(data: str, fmt: str, cpus: int, seconds: float, batch: int, size: int, 
         ds = open_source(fmt, data, endpoint).stream(size, seed=0)
         device = torch.device("cpu")
 
+        buffer = None  # the train loop reuses its input tensor on the CPU, as here
+
         def epoch():
+            nonlocal buffer
             for b in ds.iter_torch_batches(batch_size=batch, drop_last=True, prefetch_batches=4,
                                            dtypes={"image": torch.uint8, "label": torch.int64, "skipped": torch.int8}):
-                yield normalize_on_device(b["image"], device)
+                buffer = normalize_on_device(b["image"], device, out=buffer)
+                yield buffer
         return timed(epoch, seconds)
     finally:
         import gc

@@ -81,27 +81,33 @@ def decode_crop_batch(blobs, size: int, rng: np.random.Generator, scale=(0.2, 1.
     Returns (uint8 array [B_ok, size, size, 3], indices of the blobs that decoded, errors
     as {index: message} for the ones that did not).
     """
-    crops, ok, errors = [], [], {}
+    images = np.empty((len(blobs), size, size, 3), dtype=np.uint8)
+    ok, errors = [], {}
     for i, data in enumerate(blobs):
         try:
             img = decode_rgb(data)
         except ValueError as e:
             errors[i] = str(e)
             continue
-        crops.append(random_crop_flip(img, size, rng, scale) if augment else eval_resize_crop(img, size))
+        crop = random_crop_flip(img, size, rng, scale) if augment else eval_resize_crop(img, size)
+        torch.from_numpy(images[len(ok)]).copy_(crop)
         ok.append(i)
-    if crops:
-        images = torch.stack(crops).numpy()
-    else:
-        images = np.zeros((0, size, size, 3), dtype=np.uint8)
+    images = images[:len(ok)]
     return images, ok, errors
 
 
-def normalize_on_device(images: torch.Tensor, device: torch.device, dtype=torch.float32) -> torch.Tensor:
+def normalize_on_device(images: torch.Tensor, device: torch.device, dtype=torch.float32,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 [N, H, W, 3] (any device) -> normalised float [N, 3, H, W] on `device`:
-    one copy into the output (uint8 -> float, NHWC -> NCHW), then two in-place passes."""
+    one copy into the output (uint8 -> float, NHWC -> NCHW), then two in-place passes.
+
+    `out`, when it has the output's shape, dtype and device, is written instead of a new
+    tensor. On the CPU that matters: a fresh 150 MB batch costs more in page faults than
+    the normalisation itself (0.22 vs 0.08 ms per 224px image on a 2-core VM)."""
     x = images.to(device, non_blocking=True)
-    out = torch.empty((x.shape[0], 3, x.shape[1], x.shape[2]), device=device, dtype=dtype)
+    shape = (x.shape[0], 3, x.shape[1], x.shape[2])
+    if out is None or out.shape != shape or out.dtype != dtype or out.device != torch.device(device):
+        out = torch.empty(shape, device=device, dtype=dtype)
     out.copy_(x.permute(0, 3, 1, 2))
     mean = torch.tensor(IMAGENET_MEAN, device=device, dtype=dtype).view(1, 3, 1, 1) * 255
     inv_std = 1 / (torch.tensor(IMAGENET_STD, device=device, dtype=dtype).view(1, 3, 1, 1) * 255)

@@ -65,8 +65,9 @@ class DataConfig:
     prefetch_batches: int = 4
     """Batches each training worker keeps ready ahead of the one it trains on."""
     object_store_memory: int | None = None
-    """Object store bytes the stream may hold (Ray Data's budget); null: Ray's default
-    share of the store."""
+    """Most bytes of decoded crops the stream holds ahead of training (queued, prefetched
+    or being decoded); null: three blocks per decode task plus two, at most half the
+    object store."""
     min_cpus: float = 1.0
     """CPUs that must remain for decoding beyond the training workers' reservation; the
     preflight fails at once if the cluster cannot spare them."""

@@ -48,16 +48,12 @@ def prepare_data(cfg: Config) -> Source:
 def build_stream(cfg: Config, source: Source) -> ray.data.Dataset:
     """The training stream with the data.* resource settings; call after ray.init."""
     d = cfg.data
-    if d.object_store_memory:
-        limits = ray.data.DataContext.get_current().execution_options.resource_limits
-        ray.data.DataContext.get_current().execution_options.resource_limits = limits.copy(
-            object_store_memory=d.object_store_memory)
     concurrency = d.decode_concurrency
     if concurrency is None:  # the CPUs the training workers leave
         spare = ray.cluster_resources().get("CPU", 0) - cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
         concurrency = max(1, int(spare // d.decode_cpus))
     return source.stream(cfg.model.input_size, cfg.train.seed, d.decode_batch_size, d.read_files_per_task,
-                         d.decode_cpus, concurrency)
+                         d.decode_cpus, concurrency, ahead_bytes=d.object_store_memory)
 
 
 def iters_per_epoch(cfg: Config, num_images: int) -> int:

@@ -167,10 +167,13 @@ def wrap_model(model: torch.nn.Module, cfg: Config, world: int) -> torch.nn.Modu
 
 def micro_step(model: torch.nn.Module, images: torch.Tensor, device: torch.device, mask_ratio: float,
                accum_iter: int, amp_dtype: torch.dtype | None, scaler: torch.amp.GradScaler,
-               sync_grads: bool = True, noise: torch.Tensor | None = None) -> torch.Tensor:
+               sync_grads: bool = True, noise: torch.Tensor | None = None,
+               inputs: torch.Tensor | None = None) -> torch.Tensor:
     """Forward + backward of one micro-batch of uint8 [N, H, W, 3] images; returns the
-    detached loss. With `sync_grads=False` a DDP model skips its all-reduce (`no_sync`)."""
-    imgs = normalize_on_device(images, device)
+    detached loss. With `sync_grads=False` a DDP model skips its all-reduce (`no_sync`).
+    `inputs`: a float [N, 3, H, W] tensor on `device` to normalise the batch into (reused
+    from step to step on the CPU, where allocating it anew costs more than normalising)."""
+    imgs = normalize_on_device(images, device, out=inputs)
     no_sync = not sync_grads and isinstance(model, DistributedDataParallel)
     with model.no_sync() if no_sync else contextlib.nullcontext():
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -198,6 +201,8 @@ def train_one_epoch(cfg: Config, sched: Schedule, state: State, model: torch.nn.
                                        pin_memory=device.type == "cuda", prefetch_batches=cfg.data.prefetch_batches,
                                        dtypes={"image": torch.uint8, "label": torch.int64, "skipped": torch.int8})
     skipped = torch.zeros((), dtype=torch.int64)
+    size = cfg.model.input_size
+    inputs = torch.empty((cfg.train.batch_size, 3, size, size)) if device.type == "cpu" else None
     for i, batch in enumerate(batches, start=start):
         skipped += batch["skipped"].sum()
         if i >= used_iters:
@@ -210,7 +215,7 @@ def train_one_epoch(cfg: Config, sched: Schedule, state: State, model: torch.nn.
             log.epochs.append(fractional_epoch(epoch, i, sched.iters_per_epoch))
         last_micro = (i + 1) % accum == 0
         loss = micro_step(model, batch["image"], device, cfg.model.mask_ratio, accum, amp_dtype, state.scaler,
-                          sync_grads=last_micro)
+                          sync_grads=last_micro, inputs=inputs)
         log.losses[j] += loss.float() / accum
         if not last_micro:
             continue

@@ -16,6 +16,7 @@ from pipelines.prepare_shards import convert, parse_size
 from pipelines.sources import DataError, expand_braces, list_imagefolder, list_shards, open_source
 
 SIZE = 32
+BUDGET = 2
 
 
 @pytest.fixture(scope="session")
@@ -97,6 +98,29 @@ def test_file_and_shard_order_is_reshuffled_every_epoch(ray_client, photos, tmp_
         orders = [[int(r["label"]) * 0 + hash(r["image"].tobytes()) for r in ds.take_all()] for _ in range(3)]
         assert sorted(orders[0]) == sorted(orders[1]) == sorted(orders[2])
         assert len({tuple(o) for o in orders}) == 3, fmt
+
+
+def test_decoding_stays_within_its_budget_ahead_of_a_slow_consumer(ray_client, photos):
+    import time
+
+    import ray
+    size, batch = 128, 4
+    block = batch * size * size * 3  # 196 kB: over Ray's 100 kB inline limit, so blocks sit in the object store
+    ds = open_source("imagefolder", str(photos)).stream(size, seed=0, batch_size=batch, read_files_per_task=batch,
+                                                        ahead_bytes=BUDGET * block)
+    total = ray.cluster_resources()["object_store_memory"]
+
+    def used():
+        return total - ray.available_resources().get("object_store_memory", 0)
+
+    before, peak, rows = used(), 0, 0
+    for b in ds.iter_batches(batch_size=batch, prefetch_batches=0):
+        rows += len(b["label"])
+        time.sleep(0.3)  # decoding 4 images takes ~5 ms: unchecked, every block would be decoded by now
+        peak = max(peak, used() - before)
+    assert rows == 27
+    # the budget, the block being consumed and the read tasks themselves (unchecked: 6 blocks)
+    assert peak <= 3.5 * block, f"{peak / block:.1f} blocks held"
 
 
 @pytest.mark.parametrize("fmt", ["imagefolder", "parquet", "webdataset"])

@@ -72,3 +72,13 @@ def test_normalize_on_device_equals_totensor_normalize():
     norm = Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     ref = torch.stack([norm(ToTensor()(a)) for a in arr])
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+
+
+def test_normalize_on_device_writes_into_a_given_tensor():
+    arr = torch.from_numpy((np.random.default_rng(2).random((2, 8, 8, 3)) * 255).astype(np.uint8))
+    out = torch.full((2, 3, 8, 8), float("nan"))
+    ours = normalize_on_device(arr, torch.device("cpu"), out=out)
+    assert ours.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(ours, normalize_on_device(arr, torch.device("cpu")), rtol=0, atol=0)
+    wrong_shape = torch.empty((3, 3, 8, 8))  # a last, smaller batch: a new tensor, the given one untouched
+    assert normalize_on_device(arr, torch.device("cpu"), out=wrong_shape).shape == (2, 3, 8, 8)
