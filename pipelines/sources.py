@@ -13,6 +13,7 @@ fresh crop of another image of the same batch, flagged in the row's `skipped` co
 training counts them (`skipped_images` in metrics.jsonl) and batch sizes stay whole.
 """
 import fnmatch
+import itertools
 import json
 import logging
 import re
@@ -134,13 +135,19 @@ class Source:
         if ahead_bytes is None:
             store = ray.cluster_resources().get("object_store_memory", float("inf"))
             ahead_bytes = int(min((3 * decode_concurrency + 2) * block_bytes, store / 2))
+        # each decoded batch leaves its task as a block of its own, at once: by default Ray
+        # Data merges blocks up to 128 MB, and a tar shard's crops reached training in bursts
+        # of 1,024 after a 1 s silence
+        ds.context.target_max_block_size = block_bytes
         ds.context.set_config(ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY, [DecodeAhead])
         ds.context.set_config(DecodeAhead.CONFIG_KEY, (max(ahead_bytes, block_bytes), block_bytes))
         return ds
 
-    def held_out(self, n: int) -> list[bytes]:
+    def held_out(self, n: int, window: int = 256) -> list[bytes]:
         """Encoded bytes of `n` fixed images for figures: from `val/` of an imagefolder
-        when it has one, else evenly spaced over the training images (first shard)."""
+        when it has one, else evenly spaced over the training images (for shards: over
+        the first `window` images of the first shard, so that a 512 MB shard is not read
+        on the driver before training starts)."""
         if self.format == "imagefolder":
             root = self.uri[len("s3://"):] if self.uri.startswith("s3://") else self.uri
             try:
@@ -151,13 +158,11 @@ class Source:
         if self.format == "parquet":
             import pyarrow.parquet as pq
             with self.fs.open_input_file(self.files[0]) as f:
-                images = pq.read_table(f, columns=["image"]).column("image").combine_chunks().field("bytes")
-            return [images[i].as_py() for i in evenly_spaced(range(len(images)), n)]
-        with self.fs.open_input_file(self.files[0]) as f, tarfile.open(fileobj=f, mode="r|") as tar:
-            blobs = [tar.extractfile(m).read() for m in tar
-                     if m.isfile() and m.name.rsplit(".", 1)[-1].lower() in WDS_IMAGE_KEYS]
-        return [blobs[i] for i in evenly_spaced(range(len(blobs)), n)]
-
+                first = next(pq.ParquetFile(f).iter_batches(batch_size=window, columns=["image"]))
+            blobs = first.column("image").field("bytes").to_pylist()
+        else:
+            blobs = [data for data, _, _ in itertools.islice(_tar_samples(self.fs, self.files[0]), window)]
+        return evenly_spaced([b for b in blobs if b], n)
 
 def _read(fs: pafs.FileSystem, path: str) -> bytes:
     with fs.open_input_stream(path) as f:
