@@ -70,10 +70,11 @@ def s3_filesystem(endpoint: str | None = None, region: str | None = None, access
     return pafs.S3FileSystem(**kwargs)
 
 
-def open_storage(uri: str, endpoint: str | None = None, region: str | None = None) -> Storage:
+def open_storage(uri: str, endpoint: str | None = None, region: str | None = None,
+                 access_key: str | None = None, secret_key: str | None = None) -> Storage:
     """`s3://bucket/prefix` or a local path (made absolute)."""
     if uri.startswith("s3://"):
-        return Storage(s3_filesystem(endpoint, region), uri[len("s3://"):].rstrip("/"), uri)
+        return Storage(s3_filesystem(endpoint, region, access_key, secret_key), uri[len("s3://"):].rstrip("/"), uri)
     if is_uri(uri):
         raise ValueError(f"unsupported storage {uri!r}: use a local/NFS path or s3://bucket/prefix")
     path = os.path.abspath(os.path.expanduser(uri))

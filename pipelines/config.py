@@ -53,7 +53,8 @@ class DataConfig:
     build_demo: bool = False
     """If `path` holds no data, write the bundled demo dataset (handwritten digits) there."""
     decode_batch_size: int = 256
-    """Images per decode + crop call (and per block leaving the decoders)."""
+    """Images per decode + crop call and per block leaving the decoders (a read task's
+    last block takes up to half as many more, so no short block trails it)."""
     decode_cpus: float = 1.0
     """CPUs each decode task reserves."""
     decode_concurrency: int | None = None

@@ -22,7 +22,6 @@ import json
 import re
 import sys
 import tarfile
-import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
@@ -31,8 +30,9 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.fs as pafs  # noqa: E402
 
+from cluster.storage import open_storage  # noqa: E402
 from pipelines.sources import (CLASSES, MANIFEST, SHARD_EXTENSIONS, DataError, count_parquet,  # noqa: E402
-                               count_tar, filesystem_of, list_imagefolder)
+                               count_tar, list_imagefolder)
 
 PARAMS = "conversion.json"  # the arguments the shards in a folder were made with, written first
 ORDER_SEED = 0
@@ -102,13 +102,12 @@ class WriteShard:
 
     def __call__(self, spec: dict) -> dict:
         a = self.args
-        src_fs, _ = filesystem_of(a["src"], a["s3_endpoint"])
-        dst_fs, dst = filesystem_of(a["dst"], a["s3_endpoint"])
+        src_fs = open_storage(a["src"], a["s3_endpoint"]).fs
+        dst = open_storage(a["dst"], a["s3_endpoint"])
         name = shard_name(a["format"], spec["index"], self.num_shards)
-        target = f"{dst}/{name}"
-        if dst_fs.get_file_info(target).type == pafs.FileType.File:  # written whole by an earlier run
+        if dst.fs.get_file_info(dst.path(name)).type == pafs.FileType.File:  # written whole by an earlier run
             count = count_parquet if a["format"] == "parquet" else count_tar
-            return {"path": name, "num_images": count(dst_fs, target), "skipped": [], "existed": True}
+            return {"path": name, "num_images": count(dst.fs, dst.path(name)), "skipped": [], "existed": True}
         samples, skipped = [], []
         for path, label in zip(spec["paths"], spec["labels"]):
             with src_fs.open_input_stream(path) as f:
@@ -122,15 +121,7 @@ class WriteShard:
             else:
                 ext = extension_of(data, path)
             samples.append((path, label, data, ext))
-        blob = write_parquet(samples) if a["format"] == "parquet" else write_tar(samples)
-        if isinstance(dst_fs, pafs.LocalFileSystem):
-            tmp = f"{dst}/.{name}.{uuid.uuid4().hex}.tmp"
-            with dst_fs.open_output_stream(tmp) as f:
-                f.write(blob)
-            dst_fs.move(tmp, target)
-        else:  # an S3 object appears whole when its upload completes
-            with dst_fs.open_output_stream(target) as f:
-                f.write(blob)
+        dst.write(name, write_parquet(samples) if a["format"] == "parquet" else write_tar(samples))  # atomic
         return {"path": name, "num_images": len(samples), "skipped": skipped, "existed": False}
 
 
@@ -164,25 +155,20 @@ def convert(src: str, dst: str, fmt: str, max_side: int | None = None, shard_siz
 
     if fmt not in SHARD_EXTENSIONS:
         raise DataError(f"--format: {fmt!r} is not one of {sorted(SHARD_EXTENSIONS)}")
-    src_fs, src_root = filesystem_of(src, s3_endpoint)
+    source = open_storage(src, s3_endpoint)
+    src_fs, src_root = source.fs, source.root
     paths, classes = list_imagefolder(src_fs, src_root)
     index = {c: i for i, c in enumerate(classes)}
     labels = [index[p.rsplit("/", 2)[-2]] for p in paths]
     sizes = [i.size for i in src_fs.get_file_info(paths)]
     params = {"src": src, "format": fmt, "max_side": max_side, "quality": quality if max_side else None,
               "shard_size": shard_size, "num_source_images": len(paths)}
-    dst_fs, dst_root = filesystem_of(dst, s3_endpoint)
-    dst_fs.create_dir(dst_root, recursive=True)
-    try:
-        with dst_fs.open_input_stream(f"{dst_root}/{PARAMS}") as f:
-            before = json.loads(f.read())
-    except (FileNotFoundError, OSError):
-        before = None
+    out = open_storage(dst, s3_endpoint)
+    before = json.loads(out.read(PARAMS) or "null")
     if before is not None and before != params:
         raise DataError(f"--dst: {dst} holds shards made with other arguments ({before}); choose a new --dst")
     if before is None:
-        with dst_fs.open_output_stream(f"{dst_root}/{PARAMS}") as f:
-            f.write(json.dumps(params, indent=1).encode())
+        out.write(PARAMS, json.dumps(params, indent=1))
 
     specs = plan_shards(paths, sizes, labels, shard_size, max_side)
     write = WriteShard({"src": src, "dst": dst, "format": fmt, "max_side": max_side, "quality": quality,
@@ -196,8 +182,7 @@ def convert(src: str, dst: str, fmt: str, max_side: int | None = None, shard_siz
                 "skipped": sorted(s for r in results for s in r["skipped"]),
                 "reused_shards": sum(r["existed"] for r in results)}
     for name, payload in ((CLASSES, classes), (MANIFEST, manifest)):
-        with dst_fs.open_output_stream(f"{dst_root}/{name}") as f:
-            f.write(json.dumps(payload, indent=1).encode())
+        out.write(name, json.dumps(payload, indent=1))
     return manifest
 
 

@@ -29,7 +29,7 @@ from ray.data._internal.execution.backpressure_policy import (ENABLED_BACKPRESSU
                                                           BackpressurePolicy)
 from ray.data._internal.execution.operators.map_operator import MapOperator
 
-from cluster.storage import s3_filesystem
+from cluster.storage import Storage, open_storage
 from mae.transforms import decode_crop_batch
 
 logger = logging.getLogger(__name__)
@@ -43,14 +43,6 @@ MANIFEST, CLASSES = "manifest.json", "classes.json"
 
 class DataError(ValueError):
     """The data path does not hold what the config says it holds."""
-
-
-def filesystem_of(uri: str, endpoint: str | None = None, region: str | None = None,
-                  access_key: str | None = None, secret_key: str | None = None) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) of a local path or s3://bucket/prefix."""
-    if uri.startswith("s3://"):
-        return s3_filesystem(endpoint, region, access_key, secret_key), uri[len("s3://"):].rstrip("/")
-    return pafs.LocalFileSystem(), uri.rstrip("/") or "/"
 
 
 def _list_files(fs: pafs.FileSystem, folder: str, recursive: bool = True) -> list[pafs.FileInfo]:
@@ -197,28 +189,29 @@ def count_parquet(fs: pafs.FileSystem, shard: str) -> int:
 def count_tar(fs: pafs.FileSystem, shard: str) -> int:
     """Samples (image members) of a WebDataset tar, reading only its headers where it can seek."""
     with fs.open_input_file(shard) as f, tarfile.open(fileobj=f, mode="r:") as tar:
-        return sum(1 for m in tar if m.isfile() and m.name.rsplit(".", 1)[-1].lower() in WDS_IMAGE_KEYS)
+        return sum(1 for m in tar if m.isfile() and wds_member(m.name)[1] in WDS_IMAGE_KEYS)
 
 
-def read_manifest(fs: pafs.FileSystem, folder: str) -> dict | None:
-    try:
-        with fs.open_input_stream(f"{folder}/{MANIFEST}") as f:
-            return json.loads(f.read())
-    except (FileNotFoundError, OSError):
-        return None
+def wds_member(name: str) -> tuple[str, str]:
+    """(sample key, extension) of a WebDataset tar member: the key is the member's path up
+    to the first dot of its basename, as WebDataset groups a sample's files."""
+    base = name.rsplit("/", 1)[-1]
+    key, _, ext = base.partition(".")
+    return name[:len(name) - len(base)] + key, ext.lower()
 
 
 def open_source(fmt: str, uri: str, endpoint: str | None = None, region: str | None = None,
                 access_key: str | None = None, secret_key: str | None = None) -> Source:
     """List and count the training images of `uri` in layout `fmt` (see the module doc)."""
-    fs, path = filesystem_of(uri, endpoint, region, access_key, secret_key)
+    store = open_storage(uri, endpoint, region, access_key, secret_key)
+    fs, path = store.fs, store.root
     if fmt == "imagefolder":
         paths, classes = list_imagefolder(fs, path)
         return Source(fmt, uri, fs, tuple(paths), len(paths), tuple(classes))
     shards = list_shards(fs, path, fmt)
-    folder = shards[0].rsplit("/", 1)[0]
-    manifest = read_manifest(fs, folder)
-    counts = {f"{folder}/{s['path']}": s["num_images"] for s in manifest["shards"]} if manifest else {}
+    folder = Storage(fs, shards[0].rsplit("/", 1)[0], uri)
+    manifest = json.loads(folder.read(MANIFEST) or "null")
+    counts = {folder.path(s["path"]): s["num_images"] for s in manifest["shards"]} if manifest else {}
     unknown = [s for s in shards if s not in counts]
     if unknown:  # published shards without our manifest: count them (in parallel)
         count = count_parquet if fmt == "parquet" else count_tar
@@ -227,11 +220,7 @@ def open_source(fmt: str, uri: str, endpoint: str | None = None, region: str | N
                 counts.update(zip(unknown, pool.map(lambda s: count(fs, s), unknown)))
         except (OSError, tarfile.TarError, pa.ArrowInvalid) as e:
             raise DataError(f"data.path: cannot read the {fmt} shards at {uri}: {e}") from None
-    try:
-        with fs.open_input_stream(f"{folder}/{CLASSES}") as f:
-            classes = tuple(json.loads(f.read()))
-    except (FileNotFoundError, OSError):
-        classes = ()
+    classes = tuple(json.loads(folder.read(CLASSES) or "[]"))
     num_images = sum(counts[s] for s in shards)
     if num_images == 0:
         raise DataError(f"data.path: the {len(shards)} {fmt} shards at {uri} hold no images")
@@ -291,8 +280,7 @@ def _parquet_samples(fs: pafs.FileSystem, shard: str, batch_size: int, part: int
 
 
 def _tar_samples(fs: pafs.FileSystem, shard: str):
-    """(image bytes, label, name) per sample: members grouped by key (the name up to the
-    first dot of the basename), as WebDataset groups them."""
+    """(image bytes, label, name) per sample: consecutive members grouped by `wds_member` key."""
     key, sample = None, {}
 
     def emit():
@@ -307,15 +295,13 @@ def _tar_samples(fs: pafs.FileSystem, shard: str):
         for member in tar:
             if not member.isfile():
                 continue
-            base = member.name.rsplit("/", 1)[-1]
-            k, _, ext = base.partition(".")
-            k = member.name[:len(member.name) - len(base)] + k
+            k, ext = wds_member(member.name)
             if k != key and key is not None:
                 yield emit()
                 sample = {}
             key = k
-            if ext.lower() in (*WDS_IMAGE_KEYS, "cls"):
-                sample[ext.lower()] = tar.extractfile(member).read()
+            if ext in (*WDS_IMAGE_KEYS, "cls"):
+                sample[ext] = tar.extractfile(member).read()
     if key is not None:
         yield emit()
 
@@ -414,14 +400,17 @@ class ImageDatasource(ray.data.Datasource):
                 samples = _parquet_samples(fs, unit[0], batch, unit[1], unit[2])
             else:
                 samples = _tar_samples(fs, unit)
-            chunk = []
+            def block(chunk):
+                return BlockAccessor.batch_to_block(decode_batch(*map(list, zip(*chunk)), size, augment))
+
+            pending = []  # a tail shorter than half a batch joins the task's last block, not a block of its own
             for sample in samples:
-                chunk.append(sample)
-                if len(chunk) == batch:
-                    yield BlockAccessor.batch_to_block(decode_batch(*map(list, zip(*chunk)), size, augment))
-                    chunk = []
-            if chunk:
-                yield BlockAccessor.batch_to_block(decode_batch(*map(list, zip(*chunk)), size, augment))
+                pending.append(sample)
+                if len(pending) == batch + batch // 2:
+                    yield block(pending[:batch])
+                    pending = pending[batch:]
+            if pending:
+                yield block(pending)
 
         return [ReadTask(lambda unit=unit: read(unit),
                          BlockMetadata(num_rows=n, size_bytes=n * size * size * 3, exec_stats=None,
