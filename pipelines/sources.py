@@ -103,7 +103,7 @@ class Source:
     def __len__(self) -> int:
         return self.num_images
 
-    def stream(self, input_size: int, seed: int, batch_size: int = 256, read_files_per_task: int = 256,
+    def stream(self, input_size: int, seed: int, batch_size: int = 256, read_files_per_task: int = 1024,
                decode_cpus: float = 1.0, decode_concurrency: int | None = None,
                augment: bool = True, ahead_bytes: int | None = None) -> ray.data.Dataset:
         """Rows {image: uint8 [S, S, 3], label: int64, skipped: int8}; the file or shard
