@@ -156,6 +156,7 @@ class Source:
             blobs = [data for data, _, _ in itertools.islice(_tar_samples(self.fs, self.files[0]), window)]
         return evenly_spaced([b for b in blobs if b], n)
 
+
 def _read(fs: pafs.FileSystem, path: str) -> bytes:
     with fs.open_input_stream(path) as f:
         return f.read()
@@ -400,6 +401,7 @@ class ImageDatasource(ray.data.Datasource):
                 samples = _parquet_samples(fs, unit[0], batch, unit[1], unit[2])
             else:
                 samples = _tar_samples(fs, unit)
+
             def block(chunk):
                 return BlockAccessor.batch_to_block(decode_batch(*map(list, zip(*chunk)), size, augment))
 
