@@ -150,8 +150,8 @@ class Source:
         if self.format == "parquet":
             import pyarrow.parquet as pq
             with self.fs.open_input_file(self.files[0]) as f:
-                first = next(pq.ParquetFile(f).iter_batches(batch_size=window, columns=["image"]))
-            blobs = first.column("image").field("bytes").to_pylist()
+                first = next(pq.ParquetFile(f).iter_batches(batch_size=window, columns=["image"]), None)
+            blobs = first.column("image").field("bytes").to_pylist() if first is not None else []
         else:
             blobs = [data for data, _, _ in itertools.islice(_tar_samples(self.fs, self.files[0]), window)]
         return evenly_spaced([b for b in blobs if b], n)
