@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mae.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_on_device  # noqa: E402
+from mae.transforms import IMAGENET_MEAN, IMAGENET_STD, REGION_DECODE, normalize_on_device  # noqa: E402
 from pipelines.sources import open_source  # noqa: E402
 
 
@@ -105,7 +105,8 @@ def main():
     base = baseline(base_root, args.cpus, args.seconds, args.batch, args.input_size)
     print(f"(a) DataLoader, {args.cpus} workers, PIL transforms ({base_root}): {base:8.1f} images/s")
     mine = ours(args.data, args.format, args.cpus, args.seconds, args.batch, args.input_size, args.s3_endpoint)
-    print(f"(b) Ray Data stream, {args.cpus} CPUs ({args.format}, {args.data}):     {mine:8.1f} images/s")
+    print(f"(b) Ray Data stream, {args.cpus} CPUs ({args.format}, {args.data}):     {mine:8.1f} images/s"
+          f" ({'crop-region' if REGION_DECODE else 'whole-image'} JPEG decoding)")
     print(json.dumps({"baseline_images_per_sec": base, "ours_images_per_sec": mine, "ratio": mine / base}))
 
 

@@ -1,4 +1,5 @@
 import io
+import os
 
 import numpy as np
 import pytest
@@ -6,8 +7,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import Normalize, ToTensor
 
-from mae.transforms import (decode_crop_batch, decode_rgb, normalize_on_device, random_crop_flip,
-                            random_resized_crop_params)
+from mae.transforms import (REGION_DECODE, _jpeg_region, decode_crop_batch, decode_rgb, jpeg_crop_flip,
+                            normalize_on_device, random_crop_flip, random_resized_crop_params)
 
 
 def _encode(img: Image.Image, fmt="JPEG") -> bytes:
@@ -82,3 +83,63 @@ def test_normalize_on_device_writes_into_a_given_tensor():
     torch.testing.assert_close(ours, normalize_on_device(arr, torch.device("cpu")), rtol=0, atol=0)
     wrong_shape = torch.empty((3, 3, 8, 8))  # a last, smaller batch: a new tensor, the given one untouched
     assert normalize_on_device(arr, torch.device("cpu"), out=wrong_shape).shape == (2, 3, 8, 8)
+
+
+def _needs_region_decode():
+    """The compiled module is optional for users, required in CI (.ci/run sets
+    MAE_REQUIRE_JPEG_REGION) so a broken build cannot pass unnoticed."""
+    if not REGION_DECODE:
+        if os.environ.get("MAE_REQUIRE_JPEG_REGION"):
+            pytest.fail("mae_jpeg_region is not built (setup.py: a C compiler and libjpeg's headers)")
+        pytest.skip("mae_jpeg_region is not built")
+
+
+def _scene(h=150, w=200) -> Image.Image:
+    """Smooth colour gradients plus noise: chroma that varies between neighbouring pixels,
+    so any difference in chroma upsampling at a region's edge shows."""
+    rng = np.random.default_rng(1)
+    y, x = np.mgrid[0:h, 0:w]
+    arr = np.stack([x * 255 / w, y * 255 / h, (x + y) * 127 / (h + w)], -1) + rng.normal(0, 40, (h, w, 3))
+    return Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+
+
+JPEG_KINDS = {"4:2:0": dict(subsampling=2), "4:2:2": dict(subsampling=1), "4:4:4": dict(subsampling=0),
+              "progressive": dict(subsampling=2, progressive=True), "grayscale": dict(mode="L")}
+
+
+@pytest.mark.parametrize("kind", JPEG_KINDS)
+def test_region_decode_gives_the_pixels_of_the_whole_image(kind):
+    _needs_region_decode()
+    opts = dict(JPEG_KINDS[kind])
+    img = _scene().convert(opts.pop("mode", "RGB"))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90, **opts)
+    data = buf.getvalue()
+    whole = decode_rgb(data).permute(1, 2, 0)
+    assert _jpeg_region.size(data) == (150, 200, True)
+    windows = [(0, 0, 150, 200), (0, 0, 1, 1), (149, 199, 1, 1), (7, 9, 30, 41), (17, 33, 100, 150),
+               (40, 160, 110, 40), (120, 0, 30, 17)]
+    for top, left, h, w in windows:
+        region = torch.empty((h, w, 3), dtype=torch.uint8)
+        assert _jpeg_region.decode_region(data, top, left, h, w, region.numpy()) is True
+        assert torch.equal(region, whole[top:top + h, left:left + w]), (top, left, h, w)
+    for seed in range(30):  # the crop and flip of the whole-image path, draw for draw
+        fast = jpeg_crop_flip(data, 64, np.random.default_rng(seed))
+        assert torch.equal(fast, random_crop_flip(decode_rgb(data), 64, np.random.default_rng(seed))), seed
+
+
+def test_region_decode_leaves_other_files_to_the_whole_image_path():
+    _needs_region_decode()
+    rng = np.random.default_rng(0)
+    jpeg = _encode(_scene())
+    for data in [_encode(_scene().convert("CMYK")), _encode(_scene(), "PNG"), jpeg[:-2], jpeg[:300], b"", b"junk"]:
+        assert jpeg_crop_flip(data, 32, rng) is None
+    with pytest.raises(ValueError, match="outside the image"):
+        _jpeg_region.decode_region(jpeg, 140, 0, 20, 10, bytearray(20 * 10 * 3))
+    with pytest.raises(ValueError, match="height \\* width \\* 3"):
+        _jpeg_region.decode_region(jpeg, 0, 0, 20, 10, bytearray(5))
+    with pytest.raises(ValueError, match="JPEG header"):
+        _jpeg_region.size(b"\xff\xd8junk")
+    # the batch path still decodes those files whole (CMYK, PNG) or skips them
+    images, ok, errors = decode_crop_batch([_encode(_scene().convert("CMYK")), jpeg[:300], jpeg], 32, rng)
+    assert ok == [0, 2] and list(errors) == [1]
