@@ -122,7 +122,7 @@ class Source:
             decode_concurrency = max(1, int(ray.cluster_resources().get("CPU", 1) // decode_cpus))
         if augment and not REGION_DECODE:
             logger.warning("mae_jpeg_region is not built (setup.py: needs a C compiler and libjpeg's headers, "
-                           "Debian's libjpeg62-turbo-dev): JPEGs are decoded whole, about 20%% slower")
+                           "Debian's libjpeg62-turbo-dev): JPEGs are decoded whole, about 20% slower")
         source = ImageDatasource(self, input_size, seed, batch_size, read_files_per_task, augment, decode_cpus)
         ds = ray.data.read_datasource(source, num_cpus=decode_cpus, concurrency=decode_concurrency,
                                       override_num_blocks=source.num_tasks())  # blocks of batch_size, unsplit
