@@ -8,7 +8,7 @@ On the same machine, the same number of CPUs and in one process, it measures:
       over torchvision's `ImageFolder` of `--baseline-data` (default `--data`) with the
       paper's PIL transforms: RandomResizedCrop(224, scale=(0.2, 1.0), bicubic), flip,
       ToTensor, Normalize;
-  (b) ours: the training stream of pipelines/sources.py over `--data` in `--format`,
+  (b) ours: the training stream of pipelines/stream.py over `--data` in `--format`,
       consumed as a train worker consumes it: `iter_torch_batches`, then normalisation.
 Each side runs `--seconds` after its first batch (start-up is not counted; epochs are
 restarted as training restarts them). Last line: JSON with `baseline_images_per_sec`,
@@ -26,7 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mae.transforms import IMAGENET_MEAN, IMAGENET_STD, REGION_DECODE, normalize_on_device  # noqa: E402
-from pipelines.sources import open_source  # noqa: E402
+from pipelines.config import DataConfig  # noqa: E402
+from pipelines.reading import open_source  # noqa: E402
+from pipelines.stream import image_stream  # noqa: E402
 
 
 def timed(batches, seconds: float) -> float:
@@ -67,7 +69,7 @@ def ours(data: str, fmt: str, cpus: int, seconds: float, batch: int, size: int, 
              object_store_memory=min(2 * 2**30, 300 * 2**20 * cpus))
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
-        ds = open_source(fmt, data, endpoint).stream(size, seed=0)
+        ds = image_stream(open_source(fmt, data, endpoint), DataConfig(), size, seed=0)
         device = torch.device("cpu")
 
         buffer = None  # the train loop reuses its input tensor on the CPU, as here

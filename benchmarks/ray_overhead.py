@@ -29,7 +29,7 @@ from mae import create_model  # noqa: E402
 from mae.recipe import build_optimizer, lr_at, scaled_lr, set_lr  # noqa: E402
 from pipelines.config import load_config  # noqa: E402
 from pipelines.run_files import read_jsonl  # noqa: E402
-from pipelines.train_loop import micro_step, optimizer_step  # noqa: E402
+from pipelines.train_loop import StepConfig, micro_step, optimizer_step  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "debug.yaml"
 
@@ -43,14 +43,14 @@ def plain_loop(cfg, images: np.ndarray, steps_per_epoch: int, epochs: int) -> li
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     data = torch.from_numpy(images)
     b = cfg.train.batch_size
+    step = StepConfig(torch.device("cpu"), cfg.model.mask_ratio, accum_iter=1)
     times = []
     for epoch in range(epochs):
         losses = torch.zeros(steps_per_epoch)
         t0 = time.perf_counter()
         for i in range(steps_per_epoch):
             set_lr(opt, lr_at(epoch + i / steps_per_epoch, lr, cfg.optim.min_lr, cfg.optim.warmup_epochs, epochs))
-            losses[i] = micro_step(model, data[i * b:(i + 1) * b], torch.device("cpu"), cfg.model.mask_ratio, 1,
-                                   None, scaler)
+            losses[i] = micro_step(model, data[i * b:(i + 1) * b], step, scaler)
             optimizer_step(opt, scaler)
         losses.tolist()
         times.append(time.perf_counter() - t0)

@@ -29,7 +29,7 @@ from mae.flops import train_flops_per_image  # noqa: E402
 from mae.model import preset  # noqa: E402
 from mae.recipe import build_optimizer  # noqa: E402
 from mae.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from pipelines.train_loop import AMP_DTYPES, micro_step, optimizer_step  # noqa: E402
+from pipelines.train_loop import AMP_DTYPES, StepConfig, micro_step, optimizer_step  # noqa: E402
 
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s), matched against torch.cuda.get_device_name().
 PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "A10G": 70.0, "A10": 125.0,
@@ -81,9 +81,10 @@ def reference_step(model, opt, scaler, images_u8: torch.Tensor, device, amp_dtyp
 
 def our_step(model, opt, scaler, images_u8: torch.Tensor, device, amp_dtype):
     pinned = images_u8.pin_memory() if device.type == "cuda" else images_u8
+    config = StepConfig(device, mask_ratio=0.75, accum_iter=1, amp_dtype=amp_dtype)
 
     def step():
-        micro_step(model, pinned, device, 0.75, 1, amp_dtype, scaler)
+        micro_step(model, pinned, config, scaler)
         optimizer_step(opt, scaler)
     return step
 

@@ -48,6 +48,10 @@ class Accelerator:
         module = self.device_module()
         return module is None or not hasattr(module, "is_bf16_supported") or module.is_bf16_supported()
 
+    def worker_resources(self, cpus: float) -> dict[str, float]:
+        """The Ray resources of one training worker holding `cpus` CPUs and one device."""
+        return {"CPU": cpus, **({self.resource: 1} if self.resource else {})}
+
     def with_device_type(self, device_type: str) -> "Accelerator":
         """This row scheduled on the same Ray resource but computing on another device type
         (e.g. cpu, to test scheduling on `sdaa` nodes without the hardware): no plugin, and
@@ -66,11 +70,6 @@ ACCELERATORS: dict[str, Accelerator] = {row.name: row for row in [
     Accelerator("npu", "npu", "hccl", "NPU", ("fp32", "fp16", "bf16"), plugin="torch_npu",
                 visible_devices="ASCEND_RT_VISIBLE_DEVICES", scaler="torch.npu.amp.GradScaler", compiles=False),
 ]}
-
-# What prepare_device saw in this process: checked by the tests (plugin imported and device
-# set before torch.distributed was initialised).
-PREPARED: dict = {}
-
 
 def resolve(name: str, device_type: str | None = None) -> Accelerator:
     row = ACCELERATORS[name]
@@ -97,7 +96,4 @@ def prepare_device(row: Accelerator, local_rank: int) -> torch.device:
                                f"worker ({row.visible_devices}={visible})")
         device = torch.device(row.device_type, local_rank % count)
         module.set_device(device)
-    if not PREPARED:
-        PREPARED.update(plugin=row.plugin, device=str(device),
-                        process_group_initialized=torch.distributed.is_initialized())
     return device

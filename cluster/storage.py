@@ -49,10 +49,6 @@ class Storage:
         except FileNotFoundError:
             return None
 
-    def listdir(self, rel: str = "") -> list[str]:
-        infos = self.fs.get_file_info(pafs.FileSelector(self.path(rel), allow_not_found=True))
-        return sorted(i.base_name for i in infos)
-
 
 def s3_filesystem(endpoint: str | None = None, region: str | None = None, access_key: str | None = None,
                   secret_key: str | None = None) -> pafs.S3FileSystem:

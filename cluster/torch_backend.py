@@ -5,18 +5,18 @@ from dataclasses import dataclass
 
 import ray.train
 from ray.train.torch import TorchConfig
-from ray.train.torch.config import _TorchBackend
 
 from cluster.accelerators import Accelerator, prepare_device
+from cluster.ray_compat import TorchBackend, run_on_workers
 
 
 def _prepare_worker(row: Accelerator) -> str:
     return str(prepare_device(row, ray.train.get_context().get_local_rank()))
 
 
-class _AcceleratorBackend(_TorchBackend):
+class _AcceleratorBackend(TorchBackend):
     def on_start(self, worker_group, backend_config: "AcceleratorTorchConfig"):
-        worker_group.execute(_prepare_worker, backend_config.accelerator)
+        run_on_workers(worker_group, _prepare_worker, backend_config.accelerator)
         super().on_start(worker_group, backend_config)
 
 

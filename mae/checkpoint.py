@@ -1,28 +1,50 @@
-"""Checkpoint (de)serialisation. Loading never executes code from the file."""
+"""Everything about checkpoint files: their name and folder pattern, finding a run's
+latest, (de)serialising them, and recovering the model a state dict holds (preset, image
+size). Loading never executes code from the file.
+
+A run directory holds one folder per checkpoint, `checkpoint_epoch_EEEE_step_SSSSSSSSS/`
+(epoch and optimizer steps, zero-padded so that names sort in time order), each with one
+`checkpoint.pth`.
+"""
 import argparse
 import os
-import tempfile
-from pathlib import Path
+import re
 
 import torch
+
+CHECKPOINT_FILE = "checkpoint.pth"
+_CHECKPOINT_DIR = re.compile(r"checkpoint_epoch_(\d{4,})_step_(\d{9,})")
 
 # Official MAE checkpoints store `args` as an argparse.Namespace; nothing else is allowed
 # beyond what `weights_only=True` already accepts (tensors, containers, primitives).
 SAFE_GLOBALS = [argparse.Namespace]
 
 
+def checkpoint_dir_name(epoch: int, step: int) -> str:
+    """The folder of the checkpoint taken in `epoch` after `step` optimizer steps."""
+    return f"checkpoint_epoch_{epoch:04d}_step_{step:09d}"
+
+
+def latest_checkpoint(path: str | os.PathLike) -> str:
+    """`path` itself when it is a checkpoint file, else the latest checkpoint of the run
+    directory `path`. Raises ValueError naming what is missing."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return path
+    if not os.path.isdir(path):
+        raise ValueError(f"--checkpoint: no such file or run directory {path!r}")
+    found = sorted((tuple(map(int, m.groups())), name) for name in os.listdir(path)
+                   if (m := _CHECKPOINT_DIR.fullmatch(name)) and os.path.isfile(os.path.join(path, name, CHECKPOINT_FILE)))
+    if not found:
+        raise ValueError(f"--checkpoint: {path!r} holds no checkpoint_epoch_*_step_*/{CHECKPOINT_FILE}")
+    return os.path.join(path, found[-1][1], CHECKPOINT_FILE)
+
+
 def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
-    """Write atomically: a temporary file in the same folder, then rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write a checkpoint into a folder of its own that nothing reads until it is complete
+    (Ray Train uploads it from there); atomic writes into a run directory are
+    `cluster.storage.Storage.write`'s."""
+    torch.save(obj, path)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
@@ -42,6 +64,23 @@ def load_mae_state(model, state: dict, strict: bool = False) -> list[str]:
     if unexpected or any(not (k.startswith("decoder") or k == "mask_token") for k in missing):
         raise ValueError(f"checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
     return missing
+
+
+def image_size_of(state: dict) -> int:
+    """The square input size a state dict was trained at, from its position embedding."""
+    patch = state["patch_embed.proj.weight"].shape[-1]
+    return int(round((state["pos_embed"].shape[1] - 1) ** 0.5)) * patch
+
+
+def recorded_preset(ckpt: dict) -> str | None:
+    """The preset name a checkpoint records: ours in `config` and `args`, one trained with the
+    official code in `args.model` (a Namespace). The released files record none."""
+    config = ckpt.get("config")
+    if isinstance(config, dict) and isinstance(config.get("model"), dict) and config["model"].get("name"):
+        return config["model"]["name"]
+    args = ckpt.get("args")
+    name = args.get("model") if isinstance(args, dict) else getattr(args, "model", None)
+    return name if isinstance(name, str) else None
 
 
 def architecture_of(state: dict) -> str:
@@ -71,16 +110,16 @@ def model_from_checkpoint(ckpt: dict, norm_pix_loss: bool | None = None, require
 
     Encoder-only checkpoints (`mae_pretrain_vit_*.pth`) load their encoder only, and only
     when `require_decoder` is False. Returns (model, preset name)."""
-    from mae.model import create_model
+    from mae.model import create_model, list_models
 
     state = model_state(ckpt)
     config = ckpt.get("config", {}).get("model", {}) if isinstance(ckpt.get("config"), dict) else {}
-    name = config.get("name") or architecture_of(state)
-    patch = state["patch_embed.proj.weight"].shape[-1]
-    img_size = int((state["pos_embed"].shape[1] - 1) ** 0.5) * patch
+    name = recorded_preset(ckpt)
+    if name not in list_models():
+        name = architecture_of(state)
     if norm_pix_loss is None:
         norm_pix_loss = bool(config.get("norm_pix_loss", False))
-    model = create_model(name, img_size=img_size, norm_pix_loss=norm_pix_loss)
+    model = create_model(name, img_size=image_size_of(state), norm_pix_loss=norm_pix_loss)
     has_decoder = "decoder_embed.weight" in state
     if require_decoder and not has_decoder:
         raise ValueError("this checkpoint holds only an encoder (no decoder_* keys), so it cannot reconstruct "

@@ -74,20 +74,3 @@ def save_timm_encoder(state: dict, path: str | os.PathLike) -> None:
     from safetensors.torch import save_file
 
     save_file(state, os.fspath(path), metadata={"format": "pt"})
-
-
-def image_size_of(state: dict) -> int:
-    """The square input size a state dict was trained at, from its position embedding."""
-    patch = state["patch_embed.proj.weight"].shape[-1]
-    return int(round((state["pos_embed"].shape[1] - 1) ** 0.5)) * patch
-
-
-def recorded_preset(ckpt: dict) -> str | None:
-    """The preset name a checkpoint records: ours in `config` and `args`, one trained with the
-    official code in `args.model` (a Namespace). The released files record none."""
-    config = ckpt.get("config")
-    if isinstance(config, dict) and isinstance(config.get("model"), dict) and config["model"].get("name"):
-        return config["model"]["name"]
-    args = ckpt.get("args")
-    name = args.get("model") if isinstance(args, dict) else getattr(args, "model", None)
-    return name if isinstance(name, str) else None

@@ -3,7 +3,7 @@
     python pipelines/evaluate.py --checkpoint runs/demo --data data/digits [--random-init] [--compare-random-init]
 
 --checkpoint is a checkpoint.pth (ours or official, encoder-only ones included) or a run
-directory (its latest checkpoint_epoch_*). Ray Data decodes the images of <data>/train and
+directory (its latest checkpoint). Ray Data decodes the images of <data>/train and
 <data>/val (resize + centre crop) and runs the frozen encoder over them, unmasked; the
 feature of an image is its cls token next to its mean-pooled patch tokens (after the final
 norm). Features are standardised with the train set's mean and std, then:
@@ -14,30 +14,23 @@ freshly initialised encoder of the same shape instead of the checkpoint's weight
 --compare-random-init evaluates both and prints both pairs.
 """
 import argparse
-import glob
 import json
 import os
 import sys
 
 import numpy as np
+import pyarrow.fs as pafs
 import ray
 import torch
 
-from mae.checkpoint import load_checkpoint, model_from_checkpoint
+from mae.checkpoint import latest_checkpoint, load_checkpoint, model_from_checkpoint
 from mae.model import MaskedAutoencoderViT, create_model
-from mae.transforms import decode_rgb, eval_resize_crop, normalize_on_device
-from pipelines.data import ImageFolder, list_imagefolder
+from mae.transforms import eval_crops, normalize_on_device
+from pipelines.reading import ImageFolder, class_of, list_imagefolder
 
 
-def resolve_checkpoint(path: str) -> str:
-    if os.path.isdir(path):
-        found = sorted(glob.glob(os.path.join(path, "checkpoint_epoch_*", "checkpoint.pth")))
-        if not found:
-            raise ValueError(f"--checkpoint: {path!r} holds no checkpoint_epoch_*/checkpoint.pth")
-        return found[-1]
-    if not os.path.isfile(path):
-        raise ValueError(f"--checkpoint: no such file or run directory {path!r}")
-    return path
+def local_imagefolder(root: str, split: str) -> ImageFolder:
+    return list_imagefolder(pafs.LocalFileSystem(), os.path.abspath(root), split)
 
 
 @torch.no_grad()
@@ -59,9 +52,9 @@ class Features:
         self.class_index = {c: i for i, c in enumerate(classes)}
 
     def __call__(self, batch: dict) -> dict:
-        crops = torch.stack([eval_resize_crop(decode_rgb(b), self.size) for b in batch["bytes"]])
-        feats = encoder_features(self.model, normalize_on_device(crops, torch.device("cpu")))
-        labels = [self.class_index[os.path.basename(os.path.dirname(p))] for p in batch["path"]]
+        feats = encoder_features(self.model, normalize_on_device(eval_crops(batch["bytes"], self.size),
+                                                                 torch.device("cpu")))
+        labels = [self.class_index[class_of(p)] for p in batch["path"]]
         return {"features": feats.numpy(), "label": np.array(labels, dtype=np.int64)}
 
 
@@ -105,7 +98,7 @@ def knn(train_x, train_y, val_x, val_y, k: int = 20, num_classes: int | None = N
 
 
 def evaluate(checkpoint: str, data: str, random_init: bool, k: int, batch_size: int) -> dict:
-    train, val = list_imagefolder(data, "train"), list_imagefolder(data, "val")
+    train, val = local_imagefolder(data, "train"), local_imagefolder(data, "val")
     train_x, train_y = extract(train, checkpoint, random_init, batch_size)
     val_x, val_y = extract(val, checkpoint, random_init, batch_size)
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6
@@ -125,8 +118,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=128)
     args = ap.parse_args(argv)
     try:
-        checkpoint = resolve_checkpoint(args.checkpoint)
-        list_imagefolder(args.data, "train"), list_imagefolder(args.data, "val")
+        checkpoint = latest_checkpoint(args.checkpoint)
+        local_imagefolder(args.data, "train"), local_imagefolder(args.data, "val")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

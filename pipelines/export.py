@@ -1,7 +1,9 @@
 """Export the encoder of an MAE checkpoint (ours or the official release's) for fine-tuning.
 
-    python pipelines/export.py --checkpoint runs/demo/checkpoint_epoch_0039/checkpoint.pth \\
-        --to timm --out encoder.safetensors
+    python pipelines/export.py --checkpoint runs/demo --to timm --out encoder.safetensors
+
+--checkpoint is a checkpoint file (ours or an official MAE .pth) or a run directory (its
+latest checkpoint).
 
 Writes timm `VisionTransformer` weights without a head (safetensors) and prints the timm model
 to build with them when the checkpoint records a paper preset (ours record it; the official
@@ -14,14 +16,13 @@ import argparse
 import os
 import sys
 
-from mae.checkpoint import load_checkpoint, model_state
-from mae.export import (encoder_state_for_timm, image_size_of, recorded_preset, save_timm_encoder,
-                        timm_load_example, timm_model_name)
+from mae.checkpoint import image_size_of, latest_checkpoint, load_checkpoint, model_state, recorded_preset
+from mae.export import encoder_state_for_timm, save_timm_encoder, timm_load_example, timm_model_name
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True, help="checkpoint.pth of ours or an official MAE .pth")
+    ap.add_argument("--checkpoint", required=True, help="checkpoint.pth of ours, an official MAE .pth, or a run directory")
     ap.add_argument("--to", choices=["timm"], default="timm", help="target library")
     ap.add_argument("--out", required=True, help="file to write (.safetensors)")
     return ap.parse_args(argv)
@@ -39,9 +40,7 @@ def timm_name_or_none(ckpt: dict, img_size: int) -> str | None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        if not os.path.isfile(args.checkpoint):
-            raise ValueError(f"--checkpoint: no such file {args.checkpoint!r}")
-        ckpt = load_checkpoint(args.checkpoint)
+        ckpt = load_checkpoint(latest_checkpoint(args.checkpoint))
         state = model_state(ckpt)
         encoder = encoder_state_for_timm(state)
     except ValueError as e:

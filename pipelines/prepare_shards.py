@@ -31,8 +31,8 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.fs as pafs  # noqa: E402
 
 from cluster.storage import open_storage  # noqa: E402
-from pipelines.sources import (CLASSES, MANIFEST, SHARD_EXTENSIONS, DataError, count_parquet,  # noqa: E402
-                               count_tar, list_imagefolder)
+from pipelines.reading import (CLASSES, MANIFEST, SHARD_EXTENSIONS, DataError, count_shard,  # noqa: E402
+                               list_imagefolder, read_file)
 
 PARAMS = "conversion.json"  # the arguments the shards in a folder were made with, written first
 ORDER_SEED = 0
@@ -106,12 +106,11 @@ class WriteShard:
         dst = open_storage(a["dst"], a["s3_endpoint"])
         name = shard_name(a["format"], spec["index"], self.num_shards)
         if dst.fs.get_file_info(dst.path(name)).type == pafs.FileType.File:  # written whole by an earlier run
-            count = count_parquet if a["format"] == "parquet" else count_tar
-            return {"path": name, "num_images": count(dst.fs, dst.path(name)), "skipped": [], "existed": True}
+            return {"path": name, "num_images": count_shard(dst.fs, dst.path(name), a["format"]), "skipped": [],
+                    "existed": True}
         samples, skipped = [], []
         for path, label in zip(spec["paths"], spec["labels"]):
-            with src_fs.open_input_stream(path) as f:
-                data = f.read()
+            data = read_file(src_fs, path)
             if a["max_side"]:
                 try:
                     data, ext = reencode(data, a["max_side"], a["quality"])
@@ -156,11 +155,9 @@ def convert(src: str, dst: str, fmt: str, max_side: int | None = None, shard_siz
     if fmt not in SHARD_EXTENSIONS:
         raise DataError(f"--format: {fmt!r} is not one of {sorted(SHARD_EXTENSIONS)}")
     source = open_storage(src, s3_endpoint)
-    src_fs, src_root = source.fs, source.root
-    paths, classes = list_imagefolder(src_fs, src_root)
-    index = {c: i for i, c in enumerate(classes)}
-    labels = [index[p.rsplit("/", 2)[-2]] for p in paths]
-    sizes = [i.size for i in src_fs.get_file_info(paths)]
+    folder = list_imagefolder(source.fs, source.root)
+    paths, labels, classes = folder.paths, folder.labels, folder.classes
+    sizes = [i.size for i in source.fs.get_file_info(paths)]
     params = {"src": src, "format": fmt, "max_side": max_side, "quality": quality if max_side else None,
               "shard_size": shard_size, "num_source_images": len(paths)}
     out = open_storage(dst, s3_endpoint)

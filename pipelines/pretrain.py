@@ -21,9 +21,10 @@ from ray.train.torch import TorchTrainer  # noqa: E402
 
 from cluster.preflight import PreflightError, check_cluster  # noqa: E402
 from cluster.torch_backend import AcceleratorTorchConfig  # noqa: E402
-from pipelines.config import Config, ConfigError, load_config, to_yaml  # noqa: E402
+from pipelines.config import Config, ConfigError, DataConfig, TrainConfig, load_config, to_yaml  # noqa: E402
 from pipelines.demo_data import write_digits  # noqa: E402
-from pipelines.sources import DataError, Source, open_source  # noqa: E402
+from pipelines.reading import DataError, Source, open_source  # noqa: E402
+from pipelines.stream import image_stream  # noqa: E402
 from pipelines.train_loop import NonFiniteLossError, train_loop_per_worker  # noqa: E402
 
 
@@ -35,9 +36,8 @@ def parse_args(argv=None) -> Config:
     return load_config(args.config, args.overrides)
 
 
-def prepare_data(cfg: Config) -> Source:
+def prepare_data(d: DataConfig) -> Source:
     """The training images, listed and counted (the demo dataset written first if asked)."""
-    d = cfg.data
     if d.build_demo and d.format == "imagefolder" and not d.path.startswith("s3://") \
             and not os.path.isdir(os.path.join(d.path, "train")):
         print(f"writing the demo dataset (scikit-learn digits) to {d.path}")
@@ -45,24 +45,13 @@ def prepare_data(cfg: Config) -> Source:
     return open_source(d.format, d.path, d.s3_endpoint, d.s3_region, d.s3_access_key, d.s3_secret_key)
 
 
-def build_stream(cfg: Config, source: Source) -> ray.data.Dataset:
-    """The training stream with the data.* resource settings; call after ray.init."""
-    d = cfg.data
-    concurrency = d.decode_concurrency
-    if concurrency is None:  # the CPUs the training workers leave
-        spare = ray.cluster_resources().get("CPU", 0) - cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-        concurrency = max(1, int(spare // d.decode_cpus))
-    return source.stream(cfg.model.input_size, cfg.train.seed, d.decode_batch_size, d.read_files_per_task,
-                         d.decode_cpus, concurrency, ahead_bytes=d.object_store_memory)
-
-
-def iters_per_epoch(cfg: Config, num_images: int) -> int:
+def iters_per_epoch(train: TrainConfig, num_workers: int, num_images: int) -> int:
     """Batches each worker sees per epoch: the stream is split equally, last batch dropped."""
-    n = (num_images // cfg.scaling.num_workers) // cfg.train.batch_size
-    if n < cfg.train.accum_iter:
+    n = (num_images // num_workers) // train.batch_size
+    if n < train.accum_iter:
         raise ConfigError(
-            f"train.batch_size: {num_images} images over {cfg.scaling.num_workers} workers give {n} batches "
-            f"of {cfg.train.batch_size} per epoch, fewer than train.accum_iter={cfg.train.accum_iter}")
+            f"train.batch_size: {num_images} images over {num_workers} workers give {n} batches "
+            f"of {train.batch_size} per epoch, fewer than train.accum_iter={train.accum_iter}")
     return n
 
 
@@ -75,25 +64,18 @@ def check_storage(cfg: Config) -> None:
         raise ConfigError(f"run.storage_path: cannot write the run directory {storage.uri}: {e}") from None
 
 
-def per_worker_resources(cfg: Config) -> dict[str, float]:
-    resources = {"CPU": cfg.scaling.cpus_per_worker}
-    if cfg.accelerator.resource:
-        resources[cfg.accelerator.resource] = 1
-    return resources
-
-
 def build_trainer(cfg: Config, dataset: ray.data.Dataset, num_images: int, held_out: list[bytes]) -> TorchTrainer:
     """The TorchTrainer of a run over `dataset` (rows: uint8 HWC `image`, `label`,
     `skipped`) of `num_images` per epoch; `held_out`: encoded images for the figures."""
-    root = cfg.storage_root()
-    row = cfg.accelerator
+    root, row, s = cfg.storage_root(), cfg.accelerator, cfg.scaling
+    iters = iters_per_epoch(cfg.train, s.num_workers, num_images)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "iters_per_epoch": iters_per_epoch(cfg, num_images),
-                           "storage": root.child(cfg.run.name), "held_out": held_out},
+        train_loop_config={"cfg": cfg.to_dict(), "iters_per_epoch": iters, "storage": root.child(cfg.run.name),
+                           "held_out": held_out},
         torch_config=AcceleratorTorchConfig(accelerator=row),
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=row.resource == "GPU",
-                                               resources_per_worker=per_worker_resources(cfg)),
+        scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=row.resource == "GPU",
+                                               resources_per_worker=row.worker_resources(s.cpus_per_worker)),
         run_config=ray.train.RunConfig(
             name=cfg.run.name, storage_path=root.root, storage_filesystem=root.fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
@@ -105,8 +87,8 @@ def build_trainer(cfg: Config, dataset: ray.data.Dataset, num_images: int, held_
 def main(argv=None) -> int:
     try:
         cfg = parse_args(argv)
-        source = prepare_data(cfg)
-        iters_per_epoch(cfg, len(source))
+        source = prepare_data(cfg.data)
+        iters_per_epoch(cfg.train, cfg.scaling.num_workers, len(source))
         check_storage(cfg)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -116,13 +98,16 @@ def main(argv=None) -> int:
           f"{'files' if source.format == 'imagefolder' else 'shards'} from {cfg.data.path}")
     ray.init(ignore_reinit_error=True)
     ray.data.DataContext.get_current().enable_progress_bars = False  # the train loop logs progress
+    row, s = cfg.accelerator, cfg.scaling
     try:
-        check_cluster(cfg.accelerator, cfg.scaling.num_workers, per_worker_resources(cfg), cfg.data.min_cpus)
+        check_cluster(row, s.num_workers, row.worker_resources(s.cpus_per_worker), cfg.data.min_cpus)
     except PreflightError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    stream = image_stream(source, cfg.data, cfg.model.input_size, cfg.train.seed,
+                          reserved_cpus=s.num_workers * s.cpus_per_worker)
     try:
-        result = build_trainer(cfg, build_stream(cfg, source), len(source), source.held_out(8)).fit()
+        result = build_trainer(cfg, stream, len(source), source.held_out(8)).fit()
     except ray.train.TrainingFailedError as e:
         failures = getattr(e, "worker_failures", {}) or {}
         nonfinite = [f for f in failures.values() if isinstance(f, NonFiniteLossError)]

@@ -23,17 +23,15 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from cluster.accelerators import prepare_device
-from mae.checkpoint import save_checkpoint
+from cluster.accelerators import Accelerator, prepare_device
+from mae.checkpoint import CHECKPOINT_FILE, checkpoint_dir_name, save_checkpoint
 from mae.model import preset
 from mae.recipe import fractional_epoch, lr_at, scaled_lr, set_lr
-from mae.transforms import normalize_on_device
+from mae.transforms import eval_crops, normalize_on_device
 from mae.visualize import grid_png, reconstruct
-from pipelines.config import Config, from_dict
-from pipelines.data import eval_crops
+from pipelines.config import ModelConfig, OptimConfig, TrainConfig, from_dict
 from pipelines.run_files import RunLog
-from pipelines.train_state import (CHECKPOINT_FILE, State, build_state, checkpoint_dict, restore,
-                                   starting_checkpoint)
+from pipelines.train_state import State, build_state, checkpoint_dict, restore, run_record, starting_checkpoint
 
 logger = logging.getLogger("mae.train")
 
@@ -44,15 +42,47 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the run stops without checkpointing the weights."""
 
 
+@dataclass(frozen=True)
+class Worker:
+    """This training worker: its rank among `world` workers and its device."""
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def is_chief(self) -> bool:
+        """Rank 0 writes the run files, the figures and the checkpoint."""
+        return self.rank == 0
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """What one micro-step needs."""
+    device: torch.device
+    mask_ratio: float
+    accum_iter: int
+    amp_dtype: torch.dtype | None = None
+
+
 @dataclass
 class Schedule:
-    """The run's time axis: how many batches an epoch has and where the lr comes from."""
+    """The run's time axis: how many batches an epoch has, where the lr comes from, and
+    when to log and checkpoint."""
     iters_per_epoch: int  # data batches per worker per epoch (the reference's len(loader))
     accum_iter: int
     peak_lr: float
     min_lr: float
     warmup_epochs: float
     epochs: int
+    images_per_step: int  # the effective batch
+    log_every_steps: int = 20
+    checkpoint_every_steps: int = 0  # 0: at epoch ends only
+
+    @classmethod
+    def of(cls, optim: OptimConfig, train: TrainConfig, iters_per_epoch: int, world: int) -> "Schedule":
+        peak = optim.lr or scaled_lr(optim.blr, train.batch_size, train.accum_iter, world)
+        return cls(iters_per_epoch, train.accum_iter, peak, optim.min_lr, optim.warmup_epochs, train.epochs,
+                   train.batch_size * train.accum_iter * world, train.log_every_steps, train.checkpoint_every_steps)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -85,50 +115,72 @@ class EpochLog:
         return new
 
 
+@dataclass
+class Loop:
+    """What every epoch of this worker uses, built once when the worker starts."""
+    worker: Worker
+    sched: Schedule
+    step: StepConfig
+    model: torch.nn.Module  # compiled and DDP-wrapped; `State.model` is the bare model
+    reporter: "Reporter"
+    progress: "Progress"
+
+
 def train_loop_per_worker(config: dict) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = from_dict(config["cfg"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     row = cfg.accelerator
-    device = prepare_device(row, ctx.get_local_rank())  # already done before init_process_group; idempotent
-    if cfg.train.precision == "bf16" and not row.supports_bf16():
-        raise RuntimeError(f"train.precision=bf16: this {row.device_type} device does not support bf16; use fp16")
-    placement = worker_placement(rank, device)
-    logger.info("rank %d: pid %d on %s, device %s, Ray resources %s", rank, placement["pid"], placement["node_ip"],
-                device, placement["resources"])
-    sched = Schedule(config["iters_per_epoch"], cfg.train.accum_iter,
-                     cfg.optim.lr or scaled_lr(cfg.optim.blr, cfg.train.batch_size, cfg.train.accum_iter, world),
-                     cfg.optim.min_lr, cfg.optim.warmup_epochs, cfg.train.epochs)
-    state = build_state(cfg, device, sched.peak_lr)
-    ckpt, source = starting_checkpoint(cfg)
+    worker, placement = start_worker(row, cfg.train.precision)
+    sched = Schedule.of(cfg.optim, cfg.train, config["iters_per_epoch"], worker.world)
+    state = build_state(cfg.model, cfg.optim, cfg.train, row, worker.device, sched.peak_lr)
+    ckpt, source = starting_checkpoint(cfg.run)
     restore(state, ckpt, sched.steps_per_epoch)
-    storage = config["storage"]
-    run_log = RunLog(storage, state.epoch, state.step, cfg.run.tensorboard) if rank == 0 else None
-    figures = Figures(cfg, config["held_out"], device) if rank == 0 else None
-    model = wrap_model(state.model, cfg, world)
-    placements = gather_objects(placement, world)
-    if rank == 0:
-        run_log.record_attempt({"epoch": state.epoch, "iteration": state.iteration, "step": state.step,
-                                "source": source, "workers": placements})
+    if cfg.train.compile and not row.compiles:
+        logger.warning("train.compile: torch.compile is not supported on %s; running eager", row.device_type)
+    model = wrap_model(state.model, cfg.train.compile and row.compiles, worker.world)
+    step = StepConfig(worker.device, cfg.model.mask_ratio, cfg.train.accum_iter, AMP_DTYPES[cfg.train.precision])
+    reporter = Reporter(worker, run_record(cfg))
+    placements = gather_objects(placement, worker.world)
+    if worker.is_chief:
+        reporter.run_log = RunLog(config["storage"], state.epoch, state.step, cfg.run.tensorboard)
+        reporter.figures = Figures(config["held_out"], cfg.model, cfg.train.seed, worker.device)
+        reporter.run_log.record_attempt({"epoch": state.epoch, "iteration": state.iteration, "step": state.step,
+                                         "source": source, "workers": placements})
         logger.info("training %s from epoch %d, micro-batch %d (step %d; %s) to epoch %d: %d workers x batch %d x "
                     "accum %d = %d images per step, lr %.3g, %d steps per epoch", cfg.model.name, state.epoch,
-                    state.iteration, state.step, source, cfg.train.epochs, world, cfg.train.batch_size,
-                    cfg.train.accum_iter, cfg.effective_batch, sched.peak_lr, sched.steps_per_epoch)
+                    state.iteration, state.step, source, sched.epochs, worker.world, cfg.train.batch_size,
+                    sched.accum_iter, sched.images_per_step, sched.peak_lr, sched.steps_per_epoch)
+    loop = Loop(worker, sched, step, model, reporter, Progress(sched, time.perf_counter(), state.step))
     shard = ray.train.get_dataset_shard("train")
-    eta_origin = (time.perf_counter(), state.step)
-    for epoch in range(state.epoch, cfg.train.epochs):
-        torch.manual_seed(hash((cfg.train.seed, rank, epoch, state.iteration)) % 2**63)  # masking noise
+    for epoch in range(state.epoch, sched.epochs):
+        torch.manual_seed(hash((cfg.train.seed, worker.rank, epoch, state.iteration)) % 2**63)  # masking noise
+        batches = shard.iter_torch_batches(batch_size=cfg.train.batch_size, drop_last=True, device="cpu",
+                                           pin_memory=worker.device.type == "cuda",
+                                           prefetch_batches=cfg.data.prefetch_batches,
+                                           dtypes={"image": torch.uint8, "label": torch.int64, "skipped": torch.int8})
         t0 = time.perf_counter()
-        log = train_one_epoch(cfg, sched, state, model, shard, device, epoch, world, run_log, eta_origin)
+        log = train_one_epoch(loop, state, batches, epoch)
         seconds = time.perf_counter() - t0
         state.epoch, state.iteration = epoch + 1, 0
         metrics = {"epoch": epoch, "train_loss": sum(log.synced) / max(len(log.synced), 1),
                    "train_lr": log.lrs[-1] if log.lrs else 0.0, "steps": len(log.synced),
-                   "images_per_sec": len(log.synced) * cfg.effective_batch / seconds,
+                   "images_per_sec": len(log.synced) * sched.images_per_step / seconds,
                    "epoch_seconds": seconds, "skipped_images": log.skipped}
-        png = figures.reconstructions(state.model, epoch) if figures else None
-        report(state, cfg, metrics, run_log, lambda: run_log.flush(metrics, log.records(state.step), png))
+        reporter.epoch_end(state, metrics, log)
+
+
+def start_worker(row: Accelerator, precision: str) -> tuple[Worker, dict]:
+    """This worker's rank and device (already prepared before init_process_group; idempotent),
+    and where it runs, logged."""
+    ctx = ray.train.get_context()
+    device = prepare_device(row, ctx.get_local_rank())
+    if precision == "bf16" and not row.supports_bf16():
+        raise RuntimeError(f"train.precision=bf16: this {row.device_type} device does not support bf16; use fp16")
+    worker = Worker(ctx.get_world_rank(), ctx.get_world_size(), device)
+    placement = worker_placement(worker.rank, device)
+    logger.info("rank %d: pid %d on %s, device %s, Ray resources %s", worker.rank, placement["pid"],
+                placement["node_ip"], device, placement["resources"])
+    return worker, placement
 
 
 def worker_placement(rank: int, device: torch.device) -> dict:
@@ -147,38 +199,34 @@ def gather_objects(obj, world: int) -> list:
     return out
 
 
-def wrap_model(model: torch.nn.Module, cfg: Config, world: int) -> torch.nn.Module:
+def wrap_model(model: torch.nn.Module, compile: bool, world: int) -> torch.nn.Module:
     """torch.compile (in place, so state-dict keys stay the official ones), then DDP.
 
     Every parameter is used every step, so DDP looks for no unused ones. If compilation
     fails for a graph, dynamo falls back to eager for it with a warning instead of
     stopping the run.
     """
-    if cfg.train.compile and cfg.accelerator.compiles:
+    if compile:
         torch._dynamo.config.suppress_errors = True
         model.compile()
-    elif cfg.train.compile:
-        logger.warning("train.compile: torch.compile is not supported on %s; running eager",
-                       cfg.accelerator.device_type)
     if world > 1:
         model = DistributedDataParallel(model, gradient_as_bucket_view=True)
     return model
 
 
-def micro_step(model: torch.nn.Module, images: torch.Tensor, device: torch.device, mask_ratio: float,
-               accum_iter: int, amp_dtype: torch.dtype | None, scaler: torch.amp.GradScaler,
+def micro_step(model: torch.nn.Module, images: torch.Tensor, step: StepConfig, scaler: torch.amp.GradScaler,
                sync_grads: bool = True, noise: torch.Tensor | None = None,
                inputs: torch.Tensor | None = None) -> torch.Tensor:
     """Forward + backward of one micro-batch of uint8 [N, H, W, 3] images; returns the
     detached loss. With `sync_grads=False` a DDP model skips its all-reduce (`no_sync`).
-    `inputs`: a float [N, 3, H, W] tensor on `device` to normalise the batch into (reused
-    from step to step on the CPU, where allocating it anew costs more than normalising)."""
-    imgs = normalize_on_device(images, device, out=inputs)
+    `inputs`: a float [N, 3, H, W] tensor on the step's device to normalise the batch into
+    (reused from step to step on the CPU, where allocating it anew costs more than normalising)."""
+    imgs = normalize_on_device(images, step.device, out=inputs)
     no_sync = not sync_grads and isinstance(model, DistributedDataParallel)
     with model.no_sync() if no_sync else contextlib.nullcontext():
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss, _, _ = model(imgs, mask_ratio=mask_ratio, noise=noise)
-        scaler.scale(loss / accum_iter).backward()
+        with torch.autocast(step.device.type, dtype=step.amp_dtype, enabled=step.amp_dtype is not None):
+            loss, _, _ = model(imgs, mask_ratio=step.mask_ratio, noise=noise)
+        scaler.scale(loss / step.accum_iter).backward()
     return loss.detach()
 
 
@@ -188,21 +236,18 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScale
     optimizer.zero_grad(set_to_none=True)
 
 
-def train_one_epoch(cfg: Config, sched: Schedule, state: State, model: torch.nn.Module, shard,
-                    device: torch.device, epoch: int, world: int, run_log: RunLog | None, eta_origin) -> EpochLog:
+def train_one_epoch(loop: Loop, state: State, batches, epoch: int) -> EpochLog:
     """Micro-batches `state.iteration` .. the last that fills an optimizer step."""
-    accum, amp_dtype = sched.accum_iter, AMP_DTYPES[cfg.train.precision]
+    sched, worker = loop.sched, loop.worker
+    accum = sched.accum_iter
     used_iters = sched.steps_per_epoch * accum  # trailing micro-batches that fill no step are dropped
     start = state.iteration
-    log = EpochLog(losses=torch.zeros(sched.steps_per_epoch - start // accum, device=device), first=start // accum)
-    model.train()
+    log = EpochLog(losses=torch.zeros(sched.steps_per_epoch - start // accum, device=worker.device),
+                   first=start // accum)
+    loop.model.train()
     state.optimizer.zero_grad(set_to_none=True)
-    batches = shard.iter_torch_batches(batch_size=cfg.train.batch_size, drop_last=True, device="cpu",
-                                       pin_memory=device.type == "cuda", prefetch_batches=cfg.data.prefetch_batches,
-                                       dtypes={"image": torch.uint8, "label": torch.int64, "skipped": torch.int8})
     skipped = torch.zeros((), dtype=torch.int64)
-    size = cfg.model.input_size
-    inputs = torch.empty((cfg.train.batch_size, 3, size, size)) if device.type == "cpu" else None
+    inputs = None  # on the CPU, the float batch is reused from step to step
     for i, batch in enumerate(batches, start=start):
         skipped += batch["skipped"].sum()
         if i >= used_iters:
@@ -213,27 +258,29 @@ def train_one_epoch(cfg: Config, sched: Schedule, state: State, model: torch.nn.
             set_lr(state.optimizer, lr)
             log.lrs.append(lr)
             log.epochs.append(fractional_epoch(epoch, i, sched.iters_per_epoch))
+        if inputs is None and worker.device.type == "cpu":
+            n, h, w, _ = batch["image"].shape
+            inputs = torch.empty((n, 3, h, w))
         last_micro = (i + 1) % accum == 0
-        loss = micro_step(model, batch["image"], device, cfg.model.mask_ratio, accum, amp_dtype, state.scaler,
-                          sync_grads=last_micro, inputs=inputs)
+        loss = micro_step(loop.model, batch["image"], loop.step, state.scaler, sync_grads=last_micro, inputs=inputs)
         log.losses[j] += loss.float() / accum
         if not last_micro:
             continue
         optimizer_step(state.optimizer, state.scaler)
         state.step += 1
-        if (j + 1) % cfg.train.log_every_steps == 0:
-            sync_losses(log, j + 1, state.step, world)
-            log_progress(cfg, sched, state, epoch, log, eta_origin)
-        every = cfg.train.checkpoint_every_steps
+        if (j + 1) % sched.log_every_steps == 0:
+            sync_losses(log, j + 1, state.step, worker.world)
+            if worker.is_chief:
+                loop.progress.log(state.step, epoch, log)
+        every = sched.checkpoint_every_steps
         if every and state.step % every == 0 and i + 1 < used_iters:
-            sync_losses(log, j + 1, state.step, world)
+            sync_losses(log, j + 1, state.step, worker.world)
             state.iteration = i + 1
-            mid = {"epoch": epoch, "step": state.step, "mid_epoch": True,
-                   "train_loss": sum(log.synced) / len(log.synced)}
-            report(state, cfg, mid, run_log, lambda: run_log.flush_steps(log.records(state.step)))
-    sync_losses(log, len(log.lrs), state.step, world)
-    if world > 1:
-        skipped = skipped.to(device)  # the collective runs on the process group's device
+            loop.reporter.mid_epoch(state, {"epoch": epoch, "step": state.step, "mid_epoch": True,
+                                            "train_loss": sum(log.synced) / len(log.synced)}, log)
+    sync_losses(log, len(log.lrs), state.step, worker.world)
+    if worker.world > 1:
+        skipped = skipped.to(worker.device)  # the collective runs on the process group's device
         dist.all_reduce(skipped)
     log.skipped = int(skipped)
     return log
@@ -256,48 +303,69 @@ def sync_losses(log: EpochLog, upto: int, step: int, world: int) -> None:
     log.synced.extend(values)
 
 
-def log_progress(cfg: Config, sched: Schedule, state: State, epoch: int, log: EpochLog, eta_origin) -> None:
-    if ray.train.get_context().get_world_rank() != 0:
-        return
-    run_start, first_step = eta_origin
-    now = time.perf_counter()
-    total = cfg.train.epochs * sched.steps_per_epoch
-    eta = (now - run_start) / max(state.step - first_step, 1) * (total - state.step)
-    recent = log.synced[log.last_log[0]:]
-    images_per_sec = len(recent) * cfg.effective_batch / (now - log.last_log[1])
-    log.last_log = (len(log.synced), now)
-    logger.info("epoch %d/%d  step %d/%d  loss %.4f  lr %.3e  images/s %.1f  eta %s",
-                epoch, cfg.train.epochs, log.first + len(log.synced), sched.steps_per_epoch,
-                sum(recent) / len(recent), log.lrs[len(log.synced) - 1], images_per_sec,
-                time.strftime("%H:%M:%S", time.gmtime(eta)))
+@dataclass
+class Progress:
+    """Rank 0's progress line: epoch, step, loss and lr of the steps since the last line,
+    images/s, and the time left at the rate since this start of the worker group."""
+    sched: Schedule
+    started: float  # time.perf_counter() when this start began
+    first_step: int  # global step it began at
+
+    def log(self, step: int, epoch: int, log: EpochLog) -> None:
+        sched, now = self.sched, time.perf_counter()
+        eta = (now - self.started) / max(step - self.first_step, 1) * (sched.epochs * sched.steps_per_epoch - step)
+        recent = log.synced[log.last_log[0]:]
+        images_per_sec = len(recent) * sched.images_per_step / (now - log.last_log[1])
+        log.last_log = (len(log.synced), now)
+        logger.info("epoch %d/%d  step %d/%d  loss %.4f  lr %.3e  images/s %.1f  eta %s",
+                    epoch, sched.epochs, log.first + len(log.synced), sched.steps_per_epoch,
+                    sum(recent) / len(recent), log.lrs[len(log.synced) - 1], images_per_sec,
+                    time.strftime("%H:%M:%S", time.gmtime(eta)))
 
 
 class Figures:
     """Rank 0's reconstructions of a fixed held-out set, with fixed masks, after each epoch."""
 
-    def __init__(self, cfg: Config, held_out: list[bytes], device: torch.device):
-        self.images = normalize_on_device(eval_crops(held_out, cfg.model.input_size), device)
-        num_patches = (cfg.model.input_size // preset(cfg.model.name)["patch_size"]) ** 2
-        generator = torch.Generator().manual_seed(cfg.train.seed)
+    def __init__(self, held_out: list[bytes], model: ModelConfig, seed: int, device: torch.device):
+        self.images = normalize_on_device(eval_crops(held_out, model.input_size), device)
+        num_patches = (model.input_size // preset(model.name)["patch_size"]) ** 2
+        generator = torch.Generator().manual_seed(seed)
         self.noise = torch.rand(len(self.images), num_patches, generator=generator).to(device)
-        self.mask_ratio = cfg.model.mask_ratio
+        self.mask_ratio = model.mask_ratio
 
     def reconstructions(self, model: torch.nn.Module, epoch: int) -> bytes:
         panels = reconstruct(model, self.images, self.mask_ratio, self.noise)
         return grid_png(panels, title=f"epoch {epoch}")
 
 
-def report(state: State, cfg: Config, metrics: dict, run_log: RunLog | None, write_files) -> None:
-    """Rank 0 writes the run files (`write_files()`), then checkpoint.pth; every rank
-    reports to Ray Train, which uploads the checkpoint to the run directory."""
-    if run_log is None:
-        ray.train.report(metrics, checkpoint=None)
-        return
-    write_files()
-    if not metrics.get("mid_epoch"):
-        logger.info("epoch %d done: train_loss %.4f  lr %.3e  images/s %.1f", metrics["epoch"],
-                    metrics["train_loss"], metrics["train_lr"], metrics["images_per_sec"])
-    with tempfile.TemporaryDirectory() as d:
-        save_checkpoint(checkpoint_dict(state, cfg), os.path.join(d, CHECKPOINT_FILE))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                         checkpoint_dir_name=f"checkpoint_epoch_{metrics['epoch']:04d}_step_{state.step:09d}")
+class Reporter:
+    """Where each checkpoint's results go: rank 0 writes the run files (`run_log`, with the
+    figures), then checkpoint.pth; every rank reports to Ray Train, which uploads the
+    checkpoint to the run directory. `record`: what every checkpoint records of the config."""
+
+    def __init__(self, worker: Worker, record: dict):
+        self.worker, self.record = worker, record
+        self.run_log: RunLog | None = None  # rank 0's
+        self.figures: Figures | None = None  # rank 0's
+
+    def epoch_end(self, state: State, metrics: dict, log: EpochLog) -> None:
+        if self.worker.is_chief:
+            png = self.figures.reconstructions(state.model, metrics["epoch"])
+            self.run_log.flush(metrics, log.records(state.step), png)
+            logger.info("epoch %d done: train_loss %.4f  lr %.3e  images/s %.1f", metrics["epoch"],
+                        metrics["train_loss"], metrics["train_lr"], metrics["images_per_sec"])
+        self._report(state, metrics)
+
+    def mid_epoch(self, state: State, metrics: dict, log: EpochLog) -> None:
+        if self.worker.is_chief:
+            self.run_log.flush_steps(log.records(state.step))
+        self._report(state, metrics)
+
+    def _report(self, state: State, metrics: dict) -> None:
+        if not self.worker.is_chief:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            save_checkpoint(checkpoint_dict(state, self.record), os.path.join(d, CHECKPOINT_FILE))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                             checkpoint_dir_name=checkpoint_dir_name(metrics["epoch"], state.step))

@@ -13,15 +13,14 @@ from dataclasses import dataclass
 import ray.train
 import torch
 
+from cluster.accelerators import Accelerator
 from cluster.storage import open_storage
 from mae import create_model
-from mae.checkpoint import load_checkpoint, load_mae_state, model_state
+from mae.checkpoint import CHECKPOINT_FILE, load_checkpoint, load_mae_state, model_state
 from mae.recipe import build_optimizer
-from pipelines.config import Config, redacted
+from pipelines.config import Config, ModelConfig, OptimConfig, RunConfig, TrainConfig, redacted
 
 logger = logging.getLogger("mae.train")
-
-CHECKPOINT_FILE = "checkpoint.pth"
 
 
 @dataclass
@@ -35,27 +34,27 @@ class State:
     step: int = 0  # optimizer steps completed so far
 
 
-def build_state(cfg: Config, device: torch.device, lr: float) -> State:
-    torch.manual_seed(cfg.train.seed)
-    model = create_model(cfg.model.name, img_size=cfg.model.input_size,
-                         norm_pix_loss=cfg.model.norm_pix_loss).to(device)
-    optimizer = build_optimizer(model, lr=lr, weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda")
-    scaler = cfg.accelerator.make_scaler(enabled=cfg.train.precision == "fp16")
-    return State(model, optimizer, scaler)
+def build_state(model: ModelConfig, optim: OptimConfig, train: TrainConfig, row: Accelerator, device: torch.device,
+                lr: float) -> State:
+    """Fresh weights (seeded by `train.seed`), AdamW at `lr`, and the gradient scaler (on for fp16)."""
+    torch.manual_seed(train.seed)
+    net = create_model(model.name, img_size=model.input_size, norm_pix_loss=model.norm_pix_loss).to(device)
+    optimizer = build_optimizer(net, lr=lr, weight_decay=optim.weight_decay, fused=device.type == "cuda")
+    return State(net, optimizer, row.make_scaler(enabled=train.precision == "fp16"))
 
 
-def starting_checkpoint(cfg: Config) -> tuple[dict | None, str]:
+def starting_checkpoint(run: RunConfig) -> tuple[dict | None, str]:
     """(checkpoint dict or None, where it came from), by the precedence above."""
     latest = ray.train.get_checkpoint()
     if latest is not None:
         with latest.as_directory() as d:
             return load_checkpoint(os.path.join(d, CHECKPOINT_FILE)), f"the run's latest checkpoint {latest.path}"
-    if cfg.run.resume_from:
-        folder, _, name = cfg.run.resume_from.rstrip("/").rpartition("/")
-        data = open_storage(folder or ".", cfg.run.s3_endpoint, cfg.run.s3_region).read(name)
+    if run.resume_from:
+        folder, _, name = run.resume_from.rstrip("/").rpartition("/")
+        data = open_storage(folder or ".", run.s3_endpoint, run.s3_region).read(name)
         if data is None:
-            raise FileNotFoundError(f"run.resume_from: no such checkpoint {cfg.run.resume_from!r}")
-        return load_checkpoint(io.BytesIO(data)), f"run.resume_from={cfg.run.resume_from}"
+            raise FileNotFoundError(f"run.resume_from: no such checkpoint {run.resume_from!r}")
+        return load_checkpoint(io.BytesIO(data)), f"run.resume_from={run.resume_from}"
     return None, "fresh weights"
 
 
@@ -82,17 +81,23 @@ def restore(state: State, ckpt: dict | None, steps_per_epoch: int) -> None:
     state.step = ckpt.get("step", state.epoch * steps_per_epoch)
 
 
-def checkpoint_dict(state: State, cfg: Config) -> dict:
-    """The reference's keys ({'model', 'optimizer', 'epoch', 'scaler', 'args'}; `epoch` the
-    last completed one) plus ours: `step` (optimizer steps done), `position` (where to
-    continue: epoch and micro-batch) and the nested `config`."""
+def run_record(cfg: Config) -> dict:
+    """What every checkpoint of a run records of its configuration: the reference's `args`
+    (a plain dict of its argument names) and our nested `config`, credentials blanked."""
     m, t, o = cfg.model, cfg.train, cfg.optim
     args = {"model": m.name, "input_size": m.input_size, "mask_ratio": m.mask_ratio,
             "norm_pix_loss": m.norm_pix_loss, "batch_size": t.batch_size, "accum_iter": t.accum_iter,
             "epochs": t.epochs, "warmup_epochs": o.warmup_epochs, "blr": o.blr, "lr": o.lr,
             "min_lr": o.min_lr, "weight_decay": o.weight_decay, "seed": t.seed,
             "data_path": cfg.data.path, "world_size": cfg.scaling.num_workers}
+    return {"args": args, "config": redacted(cfg.to_dict())}
+
+
+def checkpoint_dict(state: State, record: dict) -> dict:
+    """The reference's keys ({'model', 'optimizer', 'epoch', 'scaler', 'args'}; `epoch` the
+    last completed one) plus ours: `step` (optimizer steps done), `position` (where to
+    continue: epoch and micro-batch) and the nested `config` (`record`: from `run_record`)."""
     return {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
-            "epoch": state.epoch - 1, "scaler": state.scaler.state_dict(), "args": args,
+            "epoch": state.epoch - 1, "scaler": state.scaler.state_dict(), "args": record["args"],
             "step": state.step, "position": {"epoch": state.epoch, "iteration": state.iteration},
-            "config": redacted(cfg.to_dict())}
+            "config": record["config"]}

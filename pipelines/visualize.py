@@ -1,7 +1,9 @@
 """Reconstruction figure from any MAE checkpoint (ours or the official release's).
 
-    python pipelines/visualize.py --checkpoint runs/demo/checkpoint_epoch_0039/checkpoint.pth \\
-        --images data/digits/val --out reconstructions.png [--mask-ratio 0.75] [--seed 0]
+    python pipelines/visualize.py --checkpoint runs/demo --images data/digits/val --out reconstructions.png \\
+        [--mask-ratio 0.75] [--seed 0]
+
+--checkpoint is a checkpoint file or a run directory (its latest checkpoint).
 
 One row per image (at most --max-images, spread evenly over the sorted files; folders are
 searched recursively), four columns: original, masked input, reconstruction, reconstruction with the
@@ -14,20 +16,20 @@ import argparse
 import os
 import sys
 
+import pyarrow.fs as pafs
 import torch
 
-from mae.checkpoint import load_checkpoint, model_from_checkpoint
-from mae.transforms import normalize_on_device
+from mae.checkpoint import latest_checkpoint, load_checkpoint, model_from_checkpoint
+from mae.transforms import eval_crops, normalize_on_device
 from mae.visualize import grid_png, reconstruct
-from pipelines.data import IMAGE_EXTENSIONS, eval_crops, evenly_spaced
+from pipelines.reading import IMAGE_EXTENSIONS, evenly_spaced, list_images, read_file
 
 
 def image_files(sources: list[str], limit: int) -> list[str]:
     files = []
     for src in sources:
         if os.path.isdir(src):
-            for dirpath, _, names in sorted(os.walk(src)):
-                files += [os.path.join(dirpath, n) for n in sorted(names) if n.lower().endswith(IMAGE_EXTENSIONS)]
+            files += list_images(pafs.LocalFileSystem(), os.path.abspath(src))
         elif os.path.isfile(src):
             files.append(src)
         else:
@@ -39,7 +41,7 @@ def image_files(sources: list[str], limit: int) -> list[str]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--checkpoint", required=True, help="checkpoint.pth (ours or official) or a run directory")
     ap.add_argument("--images", nargs="+", required=True, help="image files and/or folders")
     ap.add_argument("--out", required=True, help="PNG to write")
     ap.add_argument("--mask-ratio", type=float, default=0.75)
@@ -49,13 +51,11 @@ def main(argv=None) -> int:
                     help="override what the checkpoint records (official checkpoints record nothing)")
     args = ap.parse_args(argv)
     try:
-        if not os.path.isfile(args.checkpoint):
-            raise ValueError(f"--checkpoint: no such file {args.checkpoint!r}")
         norm_pix = None if args.norm_pix_loss is None else args.norm_pix_loss == "true"
-        model, name = model_from_checkpoint(load_checkpoint(args.checkpoint), norm_pix)
+        model, name = model_from_checkpoint(load_checkpoint(latest_checkpoint(args.checkpoint)), norm_pix)
         files = image_files(args.images, args.max_images)
         size = model.patch_embed.img_size[0]
-        crops = eval_crops(files, size)
+        crops = eval_crops([read_file(pafs.LocalFileSystem(), os.path.abspath(f)) for f in files], size)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

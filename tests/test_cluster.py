@@ -75,34 +75,58 @@ def test_local_and_s3_storage_write_read_list(tmp_path, s3_server):
         run.write("a/b.txt", "hello")
         run.write("a/b.txt", b"hello again")  # whole-file replacement
         assert run.read("a/b.txt") == b"hello again" and run.read("missing") is None
-        assert run.listdir("a") == ["b.txt"]
     with pytest.raises(ValueError, match="unsupported storage 'gs://x'"):
         open_storage("gs://x")
 
 
 def test_plugin_imported_and_device_set_before_the_process_group(ray_client, tmp_path):
-    """A row whose plugin is a real module: every worker imports it and sets its device
-    before init_process_group (recorded then), and the group exists when the loop runs.
-    Scheduled on the custom `sdaa` resource: one worker per unit."""
+    """A row whose plugin is a real module that records, as it is imported, whether the
+    process group exists yet: every worker imports it before init_process_group, and the
+    group exists when the loop runs. Scheduled on the custom `sdaa` resource: one worker per unit."""
+    plugin = tmp_path / "probe_plugin"
+    plugin.mkdir()
+    (plugin / "__init__.py").write_text(
+        "import json, os\nimport torch.distributed\n"
+        f"with open(os.path.join({str(tmp_path)!r}, f'import-{{os.getpid()}}.json'), 'w') as f:\n"
+        "    json.dump({'process_group_initialized': torch.distributed.is_initialized()}, f)\n")
+
     def report_preparation(config):  # defined here so that Ray ships it by value
         import json
-        from cluster.accelerators import PREPARED
-        seen = {"prepared": dict(PREPARED), "initialized_in_loop": torch.distributed.is_initialized(),
+        import os
+        seen = {"pid": os.getpid(), "initialized_in_loop": torch.distributed.is_initialized(),
                 "resources": ray.get_runtime_context().get_assigned_resources()}
         rank = ray.train.get_context().get_world_rank()
         (config["out"] / f"rank{rank}.json").write_text(json.dumps(seen))
 
-    row = dataclasses.replace(resolve("sdaa", "cpu"), plugin="colorsys")
+    row = dataclasses.replace(resolve("sdaa", "cpu"), plugin="probe_plugin")
     trainer = TorchTrainer(
         report_preparation, train_loop_config={"out": tmp_path}, torch_config=AcceleratorTorchConfig(accelerator=row),
         scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.25, "sdaa": 1}),
-        run_config=ray.train.RunConfig(name="order", storage_path=str(tmp_path)))
+        run_config=ray.train.RunConfig(name="order", storage_path=str(tmp_path),
+                                       worker_runtime_env={"env_vars": {"PYTHONPATH": str(tmp_path)}}))
     trainer.fit()
     for rank in (0, 1):
         seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert seen["prepared"] == {"plugin": "colorsys", "device": "cpu", "process_group_initialized": False}
+        imported = json.loads((tmp_path / f"import-{seen['pid']}.json").read_text())  # in this worker's process
+        assert imported == {"process_group_initialized": False}
         assert seen["initialized_in_loop"] is True
         assert seen["resources"] == {"CPU": 0.25, "sdaa": 1.0}
+
+
+def test_ray_outside_the_tested_versions_is_refused_at_import():
+    """The private Ray APIs are pinned: another Ray stops with one line naming the range."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    probe = "import ray; ray.__version__ = '2.59.0'; import cluster.ray_compat"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines()[-1] == (
+        "cluster.ray_compat.RayVersionError: Ray 2.59.0 is installed; this pipeline uses private Ray APIs tested "
+        "only on ray>=2.60,<2.61 (cluster/ray_compat.py): install a version in that range")
+    from cluster.ray_compat import RayVersionError, execution_index
+    with pytest.raises(RayVersionError, match="every epoch would read in the same order"):
+        execution_index(object())  # a DataContext without the counter the epoch reshuffle reads
 
 
 def test_cluster_files_declare_sdaa_token_auth_and_the_entry_point():

@@ -1,19 +1,20 @@
 import numpy as np
+import pyarrow.fs as pafs
 
-from pipelines.data import list_imagefolder
-from pipelines.sources import decode_batch
+from pipelines.reading import class_of, list_imagefolder
+from pipelines.stream import decode_batch
 
 
 def test_listing_labels_follow_sorted_class_folders(digits):
-    folder = list_imagefolder(str(digits))
+    folder = list_imagefolder(pafs.LocalFileSystem(), str(digits))
     assert folder.classes == [str(d) for d in range(10)]
     assert len(folder) == 1797 - int(1797 * 0.2)
     for path, label in zip(folder.paths[::97], folder.labels[::97]):
-        assert path.split("/")[-2] == folder.classes[label]
+        assert path.split("/")[-2] == class_of(path) == folder.classes[label]
 
 
 def test_decode_step_draws_fresh_crops_each_call(digits):
-    folder = list_imagefolder(str(digits))
+    folder = list_imagefolder(pafs.LocalFileSystem(), str(digits))
     data = open(folder.paths[0], "rb").read()
     a = decode_batch([data] * 8, [0] * 8, ["x"] * 8, 16)["image"]
     b = decode_batch([data] * 8, [0] * 8, ["x"] * 8, 16)["image"]

@@ -40,16 +40,17 @@ def tiny_checkpoint(tmp_path):
 def test_evaluate_prints_linear_and_knn_top1_for_trained_and_random_init(ray_client, tmp_path, tiny_checkpoint,
                                                                          capsys):
     data = _stripes(tmp_path / "stripes")
-    run_dir = tmp_path / "run" / "checkpoint_epoch_0003"
-    run_dir.mkdir(parents=True)
-    tiny_checkpoint[0].rename(run_dir / "checkpoint.pth")
+    for name in ("checkpoint_epoch_0002_step_000000088", "checkpoint_epoch_0003_step_000000132"):
+        (tmp_path / "run" / name).mkdir(parents=True)
+        torch.save({}, tmp_path / "run" / name / "checkpoint.pth")  # the latest is evaluated
+    tiny_checkpoint[0].replace(tmp_path / "run" / name / "checkpoint.pth")
     assert evaluate.main(["--checkpoint", str(tmp_path / "run"), "--data", str(data), "--compare-random-init"]) == 0
     out = capsys.readouterr().out
     result = json.loads(out.strip().splitlines()[-1])
     for r in result.values():
         assert r["train_images"] == 24 and r["val_images"] == 24 and r["feature_dim"] == 64
         assert r["linear_top1"] >= 0.9 and r["knn_top1"] >= 0.9
-    assert "checkpoint_epoch_0003/checkpoint.pth" in out and "random-init encoder" in out
+    assert "checkpoint_epoch_0003_step_000000132/checkpoint.pth" in out and "random-init encoder" in out
 
 
 def test_knn_votes_by_cosine_similarity():

@@ -12,8 +12,10 @@ import pytest
 from PIL import Image
 
 from mae.transforms import decode_rgb, eval_resize_crop
+from pipelines.config import DataConfig
 from pipelines.prepare_shards import convert, parse_size
-from pipelines.sources import DataError, expand_braces, list_imagefolder, list_shards, open_source
+from pipelines.reading import DataError, expand_braces, list_imagefolder, list_shards, open_source
+from pipelines.stream import image_stream
 
 SIZE = 32
 
@@ -37,17 +39,23 @@ def add_broken_files(root) -> int:
 
 def expected(root) -> collections.Counter:
     """(label, digest of the centre crop) of every image of an ImageFolder."""
-    paths, classes = list_imagefolder(pafs.LocalFileSystem(), str(root))
+    folder = list_imagefolder(pafs.LocalFileSystem(), str(root))
     out = collections.Counter()
-    for p in paths:
+    for p, label in zip(folder.paths, folder.labels):
         crop = eval_resize_crop(decode_rgb(open(p, "rb").read()), SIZE).numpy()
-        out[(classes.index(p.rsplit("/", 2)[-2]), hashlib.sha1(crop.tobytes()).hexdigest())] += 1
+        out[(label, hashlib.sha1(crop.tobytes()).hexdigest())] += 1
     return out
 
 
 def streamed(source, augment=False):
-    rows = source.stream(SIZE, seed=0, batch_size=8, read_files_per_task=5, augment=augment).take_all()
+    rows = stream(source, seed=0, batch=8, files_per_task=5, augment=augment).take_all()
     return collections.Counter((int(r["label"]), hashlib.sha1(r["image"].tobytes()).hexdigest()) for r in rows), rows
+
+
+def stream(source, size=SIZE, seed=0, batch=256, files_per_task=1024, augment=True, ahead_bytes=None):
+    """The training stream of `source` with these data.* settings."""
+    data = DataConfig(decode_batch_size=batch, read_files_per_task=files_per_task, object_store_memory=ahead_bytes)
+    return image_stream(source, data, size, seed, augment=augment)
 
 
 def upload(local_dir, fs, prefix):
@@ -82,7 +90,7 @@ def test_every_format_local_and_on_s3_gives_back_what_went_in(ray_client, photos
 
 
 def test_training_crops_are_random_uint8_and_new_each_epoch(ray_client, photos):
-    ds = open_source("imagefolder", str(photos)).stream(SIZE, seed=0, batch_size=8)
+    ds = stream(open_source("imagefolder", str(photos)), batch=8)
     first = [r["image"] for r in ds.take_all()]
     second = [r["image"] for r in ds.take_all()]
     assert first[0].dtype == np.uint8 and first[0].shape == (SIZE, SIZE, 3)
@@ -93,7 +101,7 @@ def test_training_crops_are_random_uint8_and_new_each_epoch(ray_client, photos):
 def test_file_and_shard_order_is_reshuffled_every_epoch(ray_client, photos, tmp_path):
     convert(str(photos), str(tmp_path / "wds"), "webdataset", shard_size=100 * 2**10)
     for fmt, path in (("imagefolder", str(photos)), ("webdataset", str(tmp_path / "wds"))):
-        ds = open_source(fmt, path).stream(SIZE, seed=3, batch_size=8, augment=False)
+        ds = stream(open_source(fmt, path), seed=3, batch=8, augment=False)
         orders = [[int(r["label"]) * 0 + hash(r["image"].tobytes()) for r in ds.take_all()] for _ in range(3)]
         assert sorted(orders[0]) == sorted(orders[1]) == sorted(orders[2])
         assert len({tuple(o) for o in orders}) == 3, fmt
@@ -105,8 +113,8 @@ def test_decoding_stays_within_its_budget_ahead_of_a_slow_consumer(ray_client, p
     import ray
     size, batch = 128, 4
     block = batch * size * size * 3  # 196 kB: over Ray's 100 kB inline limit, so blocks sit in the object store
-    ds = open_source("imagefolder", str(photos)).stream(size, seed=0, batch_size=batch, read_files_per_task=batch,
-                                                        ahead_bytes=2 * block)
+    ds = stream(open_source("imagefolder", str(photos)), size, batch=batch, files_per_task=batch,
+                ahead_bytes=2 * block)
     total = ray.cluster_resources()["object_store_memory"]
 
     def used():

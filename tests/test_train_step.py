@@ -8,7 +8,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from mae import create_model
 from mae.recipe import build_optimizer
-from pipelines.train_loop import micro_step, optimizer_step
+from pipelines.train_loop import StepConfig, micro_step, optimizer_step
 
 CPU = torch.device("cpu")
 
@@ -57,7 +57,7 @@ def test_fp32_and_bf16_steps_decrease_the_loss(precision):
     imgs, noise = _images(8), _noise(8)
     losses = []
     for _ in range(15):
-        losses.append(micro_step(model, imgs, CPU, 0.75, 1, precision, scaler, noise=noise).item())
+        losses.append(micro_step(model, imgs, StepConfig(CPU, 0.75, 1, precision), scaler, noise=noise).item())
         optimizer_step(opt, scaler)
     assert losses[-1] < 0.8 * losses[0]
 
@@ -68,12 +68,13 @@ def test_accumulating_k_micro_batches_equals_one_step_on_k_times_the_batch(proce
     scaler = torch.amp.GradScaler("cpu", enabled=False)
 
     big = _tiny()
-    micro_step(big, imgs, CPU, 0.75, 1, None, scaler, noise=noise)
+    micro_step(big, imgs, StepConfig(CPU, 0.75, accum_iter=1), scaler, noise=noise)
 
     accum = DistributedDataParallel(_tiny())
     for i in range(k):
         part = slice(i * n, (i + 1) * n)
-        micro_step(accum, imgs[part], CPU, 0.75, k, None, scaler, sync_grads=i == k - 1, noise=noise[part])
+        micro_step(accum, imgs[part], StepConfig(CPU, 0.75, accum_iter=k), scaler, sync_grads=i == k - 1,
+                   noise=noise[part])
 
     for (name, p_big), p_acc in zip(big.named_parameters(), accum.module.parameters()):
         if p_big.requires_grad:

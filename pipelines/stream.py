@@ -1,0 +1,191 @@
+"""The training stream: a source's images (pipelines/reading.py) read, decoded and cropped by
+Ray Data on the CPUs the training workers leave, as rows of uint8 HWC crops.
+
+The encoded bytes never cross the object store: each read task reads its unit (image files,
+a shard, or a run of a Parquet shard's row groups) and decodes + RandomResizedCrop + flips
+`decode_batch_size` images at a time into one block, in one Ray Data operator. Every
+execution of the dataset (every epoch) reads the units in a new order and draws new crops.
+
+Files that do not decode are logged with their path and replaced in their batch by a
+fresh crop of another image of the same batch, flagged in the row's `skipped` column;
+training counts them (`skipped_images` in metrics.jsonl) and batch sizes stay whole.
+"""
+import logging
+
+import numpy as np
+import ray.data
+
+from cluster import ray_compat
+from mae.transforms import REGION_DECODE, decode_crop_batch
+from pipelines.config import DataConfig
+from pipelines.reading import Source, imagefolder_samples, parquet_parts, parquet_samples, tar_samples
+
+logger = logging.getLogger(__name__)
+
+
+def image_stream(source: Source, data: DataConfig, input_size: int, seed: int, reserved_cpus: float = 0.0,
+                 augment: bool = True) -> ray.data.Dataset:
+    """Rows {image: uint8 [S, S, 3], label: int64, skipped: int8} of `source`, with the
+    data.* settings; call after ray.init. `reserved_cpus`: the CPUs the training workers
+    hold, which decoding leaves alone. `augment=False` gives the evaluation view (resize +
+    centre crop) instead of the random crop and flip.
+
+    At most `data.decode_concurrency` decode tasks run at once (default: the cluster's CPUs
+    left by the training workers / `data.decode_cpus`), and decoded crops that the consumer
+    has not taken yet (queued, prefetched, or being decoded) stay under
+    `data.object_store_memory` (default: three blocks per decoder and two more, at most half
+    the object store); see `DecodeAhead`."""
+    resources = ray.cluster_resources()
+    concurrency = data.decode_concurrency
+    if concurrency is None:
+        concurrency = max(1, int((resources.get("CPU", 1) - reserved_cpus) // data.decode_cpus))
+    if augment and not REGION_DECODE:
+        logger.warning("mae_jpeg_region is not built (setup.py: needs a C compiler and libjpeg's headers, "
+                       "Debian's libjpeg62-turbo-dev): JPEGs are decoded whole, which is slower")
+    datasource = ImageDatasource(source, input_size, seed, data.decode_batch_size, data.read_files_per_task,
+                                 augment, data.decode_cpus)
+    ds = ray.data.read_datasource(datasource, num_cpus=data.decode_cpus, concurrency=concurrency,
+                                  override_num_blocks=datasource.num_tasks())  # blocks of batch_size, unsplit
+    block_bytes = data.decode_batch_size * input_size * input_size * 3
+    ahead_bytes = data.object_store_memory
+    if ahead_bytes is None:
+        ahead_bytes = int(min((3 * concurrency + 2) * block_bytes, resources.get("object_store_memory", float("inf")) / 2))
+    # each decoded batch leaves its task as a block of its own, at once: by default Ray Data
+    # merges blocks up to 128 MB, and a tar shard's crops reached training in bursts
+    ds.context.target_max_block_size = block_bytes
+    ray_compat.use_backpressure_policies(ds.context, [DecodeAhead])
+    ds.context.set_config(DecodeAhead.CONFIG_KEY, (max(ahead_bytes, block_bytes), block_bytes))
+    return ds
+
+
+def decode_batch(blobs: list, labels: list, names: list, size: int, augment: bool = True) -> dict:
+    """Decode + crop (+ flip) a batch of encoded images into a block's columns. Each call
+    draws fresh crops from OS entropy, so every epoch sees new crops. Undecodable images
+    are logged and replaced by a fresh crop of a decodable one of the batch, flagged in
+    `skipped`; if none of the batch decodes, the batch is dropped."""
+    rng = np.random.default_rng()
+    images, ok, errors = decode_crop_batch([b if isinstance(b, bytes) else b"" for b in blobs], size, rng,
+                                           augment=augment)
+    for i, msg in errors.items():
+        logger.warning("skipping %s: %s", names[i], msg)
+    labels = np.asarray(labels, dtype=np.int64)
+    skipped = np.zeros(len(ok), dtype=np.int8)
+    if errors and ok:
+        stand_ins = rng.choice(ok, size=len(errors))
+        extra, _, _ = decode_crop_batch([blobs[i] for i in stand_ins], size, rng, augment=augment)
+        images = np.concatenate([images, extra])
+        labels = np.concatenate([labels[ok], labels[stand_ins]])
+        skipped = np.concatenate([skipped, np.ones(len(errors), dtype=np.int8)])
+    else:
+        labels = labels[ok]
+    return {"image": images, "label": labels, "skipped": skipped}
+
+
+class DecodeAhead(ray_compat.BackpressurePolicy):
+    """Ray Data backpressure for the decode operator, in place of Ray's policies: a new
+    decode task is submitted only while fewer than twice the operator's `concurrency`
+    are in flight and the crops decoded ahead of the consumer (blocks queued or
+    prefetched, plus one block per task in flight) would stay within a byte budget.
+
+    Ray's own policies (an adaptive concurrency cap and a per-operator object store budget,
+    tuned for many small blocks) leave decoders idle between blocks of a stream with few,
+    large blocks and one consumer: README's ingest figures show by how much. The budget is
+    what bounds memory when training is slower than decoding: nothing spills."""
+    CONFIG_KEY = "mae.decode_ahead"  # (budget bytes, bytes per block)
+
+    @property
+    def name(self) -> str:
+        return "DecodeAhead"
+
+    def can_add_input(self, op) -> bool:
+        if not ray_compat.is_map_operator(op):
+            return True
+        # Up to 2 x concurrency tasks are submitted: Ray runs `concurrency` of them (their
+        # CPUs) and starts a queued one the moment another ends, where waiting for Ray
+        # Data's scheduling loop would leave a decoder idle until its next round.
+        running, cap = ray_compat.tasks_running(op), ray_compat.concurrency_cap(op)
+        if cap is not None and running >= 2 * cap:
+            return False
+        budget, block_bytes = ray_compat.policy_config(self, self.CONFIG_KEY, (None, 0))
+        if budget is None:
+            return True
+        return ray_compat.output_bytes_held(self, op) + (running + 1) * block_bytes <= budget
+
+
+class ImageDatasource(ray.data.Datasource):
+    """A source's images, read and decoded in the same Ray task (see `image_stream`)."""
+
+    def __init__(self, source: Source, size: int, seed: int, batch_size: int, files_per_task: int, augment: bool,
+                 cpus: float = 1.0):
+        self.source, self.size, self.seed, self.cpus = source, size, seed, cpus
+        self.batch_size, self.files_per_task, self.augment = batch_size, files_per_task, augment
+
+    def estimate_inmemory_data_size(self) -> int:
+        return self.source.num_images * self.size * self.size * 3
+
+    def get_name(self) -> str:
+        return f"DecodeCrop({self.source.format})"
+
+    def num_tasks(self) -> int:
+        src = self.source
+        if src.format == "imagefolder":
+            return -(-len(src.files) // self.files_per_task)
+        if src.format == "parquet":
+            return sum(parquet_parts(c, self.files_per_task) for c in src.counts)
+        return len(src.files)
+
+    def read_units(self, rng: np.random.Generator) -> list[tuple]:
+        """(unit, images) of each read task, in this execution's order. A unit is a list of
+        (path, label) (imagefolder), a (shard, part, parts) run of a Parquet shard's row
+        groups, or a tar shard (read start to end by one task)."""
+        src, per_task = self.source, self.files_per_task
+        if src.format == "imagefolder":
+            order = rng.permutation(len(src.files))
+            units = [[(src.files[i], src.labels[i]) for i in order[k:k + per_task]]
+                     for k in range(0, len(order), per_task)]
+            return [(u, len(u)) for u in units]
+        if src.format == "parquet":
+            pieces = [((shard, k, parquet_parts(n, per_task)), n // parquet_parts(n, per_task))
+                      for shard, n in zip(src.files, src.counts) for k in range(parquet_parts(n, per_task))]
+            return [pieces[i] for i in rng.permutation(len(pieces))]
+        return [(src.files[i], src.counts[i]) for i in rng.permutation(len(src.files))]
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list:
+        from ray.data.block import BlockAccessor, BlockMetadata
+        from ray.data.datasource import ReadTask
+
+        rng = np.random.default_rng([self.seed, ray_compat.execution_index(data_context)])  # a new order every epoch
+        fs, fmt, size, augment, batch = self.source.fs, self.source.format, self.size, self.augment, self.batch_size
+        threads = max(1, int(self.cpus))
+
+        def read(unit):
+            import torch
+            torch.set_num_threads(threads)  # one decoder per CPU it holds; no oversubscription
+            if fmt == "imagefolder":
+                samples = imagefolder_samples(fs, *map(list, zip(*unit)))
+            elif fmt == "parquet":
+                samples = parquet_samples(fs, unit[0], batch, unit[1], unit[2])
+            else:
+                samples = tar_samples(fs, unit)
+
+            def block(chunk):
+                return BlockAccessor.batch_to_block(decode_batch(*map(list, zip(*chunk)), size, augment))
+
+            pending = []  # a tail shorter than half a batch joins the task's last block, not a block of its own
+            for sample in samples:
+                pending.append(sample)
+                if len(pending) == batch + batch // 2:
+                    yield block(pending[:batch])
+                    pending = pending[batch:]
+            if pending:
+                yield block(pending)
+
+        def files(unit) -> tuple[str, ...]:
+            return tuple(path for path, _ in unit) if fmt == "imagefolder" else (unit[0],) if fmt == "parquet" \
+                else (unit,)
+
+        return [ReadTask(lambda unit=unit: read(unit),
+                         BlockMetadata(num_rows=n, size_bytes=n * size * size * 3, exec_stats=None,
+                                       input_files=files(unit)),
+                         per_task_row_limit=per_task_row_limit)
+                for unit, n in self.read_units(rng)]
