@@ -1,7 +1,7 @@
 """Build the one compiled part: mae_jpeg_region, which decodes only the rows and columns
 of a RandomResizedCrop (libjpeg-turbo's jpeg_skip_scanlines / jpeg_crop_scanline). It is
 optional: without a C compiler or libjpeg's headers (Debian: libjpeg62-turbo-dev) the
-install goes on and the stream decodes whole images, about 20% slower.
+install goes on and the stream decodes whole images, which is slower (README: Benchmarks).
 
 A top-level module, not one inside `mae`: `ray job submit --working-dir .` ships the source
 tree without build outputs (.gitignore), and its `mae` package shadows the installed one;

@@ -15,16 +15,19 @@ and `ratio` = baseline / ours (the speed-up).
 """
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mae.transforms import REGION_DECODE, decode_rgb, jpeg_crop_flip, random_crop_flip  # noqa: E402
+from pipelines.reading import list_images, read_file  # noqa: E402
 
 
 def per_image_ms(crop, blobs: list[bytes], repeats: int) -> float:
@@ -47,10 +50,11 @@ def main():
     args = p.parse_args()
     if not REGION_DECODE:
         sys.exit("mae_jpeg_region is not built: see setup.py (a C compiler and libjpeg's headers)")
-    files = sorted(f for f in Path(args.data).rglob("*") if f.suffix.lower() in (".jpg", ".jpeg"))
+    fs = pafs.LocalFileSystem()
+    files = [f for f in list_images(fs, os.path.abspath(args.data)) if f.lower().endswith((".jpg", ".jpeg"))]
     if not files:
         sys.exit(f"--data: no .jpg/.jpeg files under {args.data}")
-    blobs = [f.read_bytes() for f in files[:args.images]]
+    blobs = [read_file(fs, f) for f in files[:args.images]]
     torch.set_num_threads(1)
 
     def whole(data, rng):

@@ -34,7 +34,8 @@ def latest_checkpoint(path: str | os.PathLike) -> str:
     if not os.path.isdir(path):
         raise ValueError(f"--checkpoint: no such file or run directory {path!r}")
     found = sorted((tuple(map(int, m.groups())), name) for name in os.listdir(path)
-                   if (m := _CHECKPOINT_DIR.fullmatch(name)) and os.path.isfile(os.path.join(path, name, CHECKPOINT_FILE)))
+                   if (m := _CHECKPOINT_DIR.fullmatch(name))
+                   and os.path.isfile(os.path.join(path, name, CHECKPOINT_FILE)))
     if not found:
         raise ValueError(f"--checkpoint: {path!r} holds no checkpoint_epoch_*_step_*/{CHECKPOINT_FILE}")
     return os.path.join(path, found[-1][1], CHECKPOINT_FILE)

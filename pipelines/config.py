@@ -63,9 +63,9 @@ class DataConfig:
     read_files_per_task: int = 1024
     """Images per read task: imagefolder files, or Parquet rows (a shard is split by row
     groups); a WebDataset tar is one task. Each task streams out blocks of
-    `decode_batch_size`; fewer, longer tasks cost less Ray overhead (1024: 4% more images/s
-    than 256 on 2 cores), more tasks keep all CPUs decoding to the end of an epoch (the
-    demo's 1,437 images train 25% faster with 256)."""
+    `decode_batch_size`; fewer, longer tasks cost less Ray overhead per image, more tasks
+    keep all CPUs decoding to the end of an epoch (a small dataset wants several tasks per
+    decoder)."""
     prefetch_batches: int = 4
     """Batches each training worker keeps ready ahead of the one it trains on."""
     object_store_memory: int | None = None

@@ -22,7 +22,8 @@ from mae.export import encoder_state_for_timm, save_timm_encoder, timm_load_exam
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True, help="checkpoint.pth of ours, an official MAE .pth, or a run directory")
+    ap.add_argument("--checkpoint", required=True,
+                    help="checkpoint.pth of ours, an official MAE .pth, or a run directory")
     ap.add_argument("--to", choices=["timm"], default="timm", help="target library")
     ap.add_argument("--out", required=True, help="file to write (.safetensors)")
     return ap.parse_args(argv)

@@ -42,14 +42,14 @@ def image_stream(source: Source, data: DataConfig, input_size: int, seed: int, r
     if augment and not REGION_DECODE:
         logger.warning("mae_jpeg_region is not built (setup.py: needs a C compiler and libjpeg's headers, "
                        "Debian's libjpeg62-turbo-dev): JPEGs are decoded whole, which is slower")
-    datasource = ImageDatasource(source, input_size, seed, data.decode_batch_size, data.read_files_per_task,
-                                 augment, data.decode_cpus)
+    datasource = ImageDatasource(source, data, input_size, seed, augment)
     ds = ray.data.read_datasource(datasource, num_cpus=data.decode_cpus, concurrency=concurrency,
                                   override_num_blocks=datasource.num_tasks())  # blocks of batch_size, unsplit
     block_bytes = data.decode_batch_size * input_size * input_size * 3
     ahead_bytes = data.object_store_memory
     if ahead_bytes is None:
-        ahead_bytes = int(min((3 * concurrency + 2) * block_bytes, resources.get("object_store_memory", float("inf")) / 2))
+        store = resources.get("object_store_memory", float("inf"))
+        ahead_bytes = int(min((3 * concurrency + 2) * block_bytes, store / 2))
     # each decoded batch leaves its task as a block of its own, at once: by default Ray Data
     # merges blocks up to 128 MB, and a tar shard's crops reached training in bursts
     ds.context.target_max_block_size = block_bytes
@@ -115,10 +115,10 @@ class DecodeAhead(ray_compat.BackpressurePolicy):
 class ImageDatasource(ray.data.Datasource):
     """A source's images, read and decoded in the same Ray task (see `image_stream`)."""
 
-    def __init__(self, source: Source, size: int, seed: int, batch_size: int, files_per_task: int, augment: bool,
-                 cpus: float = 1.0):
-        self.source, self.size, self.seed, self.cpus = source, size, seed, cpus
-        self.batch_size, self.files_per_task, self.augment = batch_size, files_per_task, augment
+    def __init__(self, source: Source, data: DataConfig, size: int, seed: int, augment: bool):
+        self.source, self.size, self.seed, self.augment = source, size, seed, augment
+        self.batch_size, self.files_per_task = data.decode_batch_size, data.read_files_per_task
+        self.cpus = data.decode_cpus
 
     def estimate_inmemory_data_size(self) -> int:
         return self.source.num_images * self.size * self.size * 3

@@ -139,11 +139,11 @@ def train_loop_per_worker(config: dict) -> None:
         logger.warning("train.compile: torch.compile is not supported on %s; running eager", row.device_type)
     model = wrap_model(state.model, cfg.train.compile and row.compiles, worker.world)
     step = StepConfig(worker.device, cfg.model.mask_ratio, cfg.train.accum_iter, AMP_DTYPES[cfg.train.precision])
-    reporter = Reporter(worker, run_record(cfg))
     placements = gather_objects(placement, worker.world)
+    reporter = Reporter(worker, run_record(cfg))
     if worker.is_chief:
-        reporter.run_log = RunLog(config["storage"], state.epoch, state.step, cfg.run.tensorboard)
-        reporter.figures = Figures(config["held_out"], cfg.model, cfg.train.seed, worker.device)
+        reporter.start(RunLog(config["storage"], state.epoch, state.step, cfg.run.tensorboard),
+                       Figures(config["held_out"], cfg.model, cfg.train.seed, worker.device))
         reporter.run_log.record_attempt({"epoch": state.epoch, "iteration": state.iteration, "step": state.step,
                                          "source": source, "workers": placements})
         logger.info("training %s from epoch %d, micro-batch %d (step %d; %s) to epoch %d: %d workers x batch %d x "
@@ -345,8 +345,12 @@ class Reporter:
 
     def __init__(self, worker: Worker, record: dict):
         self.worker, self.record = worker, record
-        self.run_log: RunLog | None = None  # rank 0's
-        self.figures: Figures | None = None  # rank 0's
+        self.run_log: RunLog | None = None
+        self.figures: Figures | None = None
+
+    def start(self, run_log: RunLog, figures: Figures) -> None:
+        """Rank 0: the run files as the checkpoint left them, and the figures' fixed inputs."""
+        self.run_log, self.figures = run_log, figures
 
     def epoch_end(self, state: State, metrics: dict, log: EpochLog) -> None:
         if self.worker.is_chief:

@@ -1,0 +1,79 @@
+"""The layout DESIGN.md describes, checked on the source: what each folder may import, no
+import cycles, Ray's private APIs in one module, and the Ray-free modules really Ray-free."""
+import ast
+import re
+import subprocess
+import sys
+
+from conftest import ROOT
+
+PACKAGES = ("mae", "cluster", "pipelines")
+
+
+def our_imports() -> dict[str, set[str]]:
+    """module -> the modules of ours it imports (anywhere in the file)."""
+    graph = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).glob("*.py")):
+            module = f"{package}.{path.stem}" if path.stem != "__init__" else package
+            names = set()
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    names.update(alias.name for alias in node.names)
+                elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    names.add(node.module)
+                    names.update(f"{node.module}.{alias.name}" for alias in node.names)
+            graph[module] = {n for n in names if n.split(".")[0] in PACKAGES and n.count(".") <= 1} - {module}
+    return {m: {n for n in deps if n in graph} for m, deps in graph.items()}
+
+
+def all_imports(package: str) -> set[str]:
+    names = set()
+    for path in (ROOT / package).glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module.split(".")[0])
+    return names
+
+
+def test_mae_and_cluster_sit_at_the_bottom():
+    assert not all_imports("mae") & {"ray", "cluster", "pipelines"}
+    assert not all_imports("cluster") & {"mae", "pipelines"}
+
+
+def test_the_import_graph_has_no_cycle():
+    graph = our_imports()
+    done, path = set(), []
+
+    def visit(module):
+        if module in path:
+            raise AssertionError(f"import cycle: {' -> '.join(path[path.index(module):] + [module])}")
+        if module in done:
+            return
+        path.append(module)
+        for dep in graph[module]:
+            visit(dep)
+        path.pop()
+        done.add(module)
+
+    for module in graph:
+        visit(module)
+
+
+def test_private_ray_apis_only_in_ray_compat():
+    private = re.compile(r"ray(\.\w+)*\._\w+|\._(execution_idx|resource_manager|data_context)\b|worker_group\.execute")
+    offenders = [f"{path.relative_to(ROOT)}:{n}" for package in (*PACKAGES, "benchmarks")
+                 for path in (ROOT / package).glob("*.py") if path.name != "ray_compat.py"
+                 for n, line in enumerate(path.read_text().splitlines(), 1) if private.search(line)]
+    assert not offenders
+
+
+def test_reading_imports_no_ray_and_the_train_loop_no_data_module():
+    probes = {"pipelines.reading": "ray", "pipelines.train_loop": ("pipelines.reading", "pipelines.stream")}
+    for module, unwanted in probes.items():
+        probe = f"import sys, {module}; print([m for m in sys.modules if m.startswith({unwanted!r})])"
+        out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.strip() == "[]", f"{module} imports {out.stdout.strip()}"
