@@ -14,10 +14,13 @@
    decode_region(data, top, left, height, width, out) -> clean: writes the crop's uint8
    RGB rows into `out` (a writable C-contiguous buffer of height * width * 3 bytes);
    clean is false when libjpeg warned (corrupt data it worked around). Raises ValueError
-   on a libjpeg error. The GIL is released while decoding. */
+   on a libjpeg error, on a region that is empty, negative or outside the image (checked
+   in 64 bits, before anything is written), and when the data ends before the region's
+   last row (every libjpeg return is checked). The GIL is released while decoding. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <setjmp.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -58,10 +61,18 @@ static PyObject *size(PyObject *self, PyObject *args) {
     error_mgr err;
     PyObject *result = NULL;
     if (!PyArg_ParseTuple(args, "y*", &data)) return NULL;
+    if (data.len == 0 || (unsigned long long)data.len > ULONG_MAX) {
+        PyBuffer_Release(&data);
+        PyErr_SetString(PyExc_ValueError, "JPEG header: empty or oversized data");
+        return NULL;
+    }
     init(&cinfo, &err);
     if (setjmp(err.jump) == 0) {
         jpeg_mem_src(&cinfo, data.buf, (unsigned long)data.len);
-        jpeg_read_header(&cinfo, TRUE);
+        if (jpeg_read_header(&cinfo, TRUE) != JPEG_HEADER_OK) {
+            strcpy(err.message, "no image in the data");
+            longjmp(err.jump, 1);
+        }
         int fits = (cinfo.num_components == 3 &&
                     (cinfo.jpeg_color_space == JCS_YCbCr || cinfo.jpeg_color_space == JCS_RGB)) ||
                    (cinfo.num_components == 1 && cinfo.jpeg_color_space == JCS_GRAYSCALE);
@@ -74,33 +85,63 @@ static PyObject *size(PyObject *self, PyObject *args) {
     return result;
 }
 
+/* An int argument as Py_ssize_t; 0 (no exception set) for what is not an int or does not fit. */
+static int ssize_arg(PyObject *obj, Py_ssize_t *value) {
+    PyObject *index = PyNumber_Index(obj);
+    *value = index ? PyLong_AsSsize_t(index) : -1;
+    Py_XDECREF(index);
+    if (PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
+    }
+    return 1;
+}
+
 static PyObject *decode_region(PyObject *self, PyObject *args) {
     Py_buffer data, out;
-    unsigned int top, left, height, width;
+    Py_ssize_t top, left, height, width;
     struct jpeg_decompress_struct cinfo;
     error_mgr err;
     JSAMPROW volatile row = NULL;  /* volatile: kept across a longjmp from libjpeg */
     const char *volatile problem = NULL;
-    if (!PyArg_ParseTuple(args, "y*IIIIw*", &data, &top, &left, &height, &width, &out)) return NULL;
-    if (!PyBuffer_IsContiguous(&out, 'C') || (size_t)out.len != (size_t)height * width * 3) {
+    PyObject *top_arg, *left_arg, *height_arg, *width_arg;
+    if (!PyArg_ParseTuple(args, "y*OOOOw*", &data, &top_arg, &left_arg, &height_arg, &width_arg, &out)) return NULL;
+    const char *bad = NULL;
+    if (!ssize_arg(top_arg, &top) || !ssize_arg(left_arg, &left) || !ssize_arg(height_arg, &height) ||
+        !ssize_arg(width_arg, &width)) {
+        bad = "top, left, height and width must be integers that fit in a Py_ssize_t";
+    } else if (top < 0 || left < 0 || height <= 0 || width <= 0) {
+        bad = "top and left must be >= 0, height and width > 0";
+    } else if (height > 0xFFFFFF || width > 0xFFFFFF) {  /* past any JPEG's 65,535 px side */
+        bad = "the region lies outside the image";
+    } else if (!PyBuffer_IsContiguous(&out, 'C') || (uint64_t)out.len != (uint64_t)height * (uint64_t)width * 3) {
+        bad = "out must be a C-contiguous buffer of height * width * 3 bytes";
+    } else if (data.len == 0 || (unsigned long long)data.len > ULONG_MAX) {
+        bad = "empty or oversized data";
+    }
+    if (bad) {
         PyBuffer_Release(&data);
         PyBuffer_Release(&out);
-        PyErr_SetString(PyExc_ValueError, "out must be a C-contiguous buffer of height * width * 3 bytes");
+        PyErr_Format(PyExc_ValueError, "JPEG region: %s", bad);
         return NULL;
     }
     init(&cinfo, &err);
     Py_BEGIN_ALLOW_THREADS
     if (setjmp(err.jump) == 0) {
         jpeg_mem_src(&cinfo, data.buf, (unsigned long)data.len);
-        jpeg_read_header(&cinfo, TRUE);
+        int header = jpeg_read_header(&cinfo, TRUE);
         cinfo.out_color_space = JCS_RGB;
-        jpeg_start_decompress(&cinfo);
-        if (height == 0 || width == 0 || top + height > cinfo.output_height ||
-            left + width > cinfo.output_width) {
+        if (header != JPEG_HEADER_OK) {
+            problem = "no image in the data";
+        } else if (!jpeg_start_decompress(&cinfo)) {
+            problem = "the decoder stopped before the first row";
+        } else if ((uint64_t)top + (uint64_t)height > cinfo.output_height ||
+                   (uint64_t)left + (uint64_t)width > cinfo.output_width) {
             problem = "the region lies outside the image";
         } else {
-            JDIMENSION x = left > EDGE ? left - EDGE : 0;
-            JDIMENSION end = left + width + EDGE < cinfo.output_width ? left + width + EDGE : cinfo.output_width;
+            uint64_t right = (uint64_t)left + (uint64_t)width + EDGE;
+            JDIMENSION x = left > EDGE ? (JDIMENSION)(left - EDGE) : 0;
+            JDIMENSION end = right < cinfo.output_width ? (JDIMENSION)right : cinfo.output_width;
             JDIMENSION span = end - x;
             jpeg_crop_scanline(&cinfo, &x, &span);  /* moves x left to an iMCU boundary */
             JSAMPROW buf = malloc((size_t)span * 3);
@@ -108,12 +149,20 @@ static PyObject *decode_region(PyObject *self, PyObject *args) {
             if (buf == NULL) {
                 problem = "out of memory";
             } else {
-                size_t shift = (size_t)(left - x) * 3, bytes = (size_t)width * 3;
+                size_t shift = (size_t)((JDIMENSION)left - x) * 3, bytes = (size_t)width * 3;
                 unsigned char *dst = out.buf;
-                if (top) jpeg_skip_scanlines(&cinfo, top);
-                for (unsigned int r = 0; r < height; r++) {
-                    jpeg_read_scanlines(&cinfo, &buf, 1);
-                    memcpy(dst + r * bytes, buf + shift, bytes);
+                if (shift + bytes > (size_t)span * 3) {
+                    problem = "the region lies outside the decoded columns";
+                } else if (top && jpeg_skip_scanlines(&cinfo, (JDIMENSION)top) != (JDIMENSION)top) {
+                    problem = "the image ends before the region's first row";
+                } else {
+                    for (Py_ssize_t r = 0; r < height; r++) {
+                        if (jpeg_read_scanlines(&cinfo, &buf, 1) != 1) {
+                            problem = "the image ends before the region's last row";
+                            break;
+                        }
+                        memcpy(dst + (size_t)r * bytes, buf + shift, bytes);
+                    }
                 }
             }
         }

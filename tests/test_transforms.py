@@ -1,5 +1,8 @@
 import io
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -143,3 +146,81 @@ def test_region_decode_leaves_other_files_to_the_whole_image_path():
     # the batch path still decodes those files whole (CMYK, PNG) or skips them
     images, ok, errors = decode_crop_batch([_encode(_scene().convert("CMYK")), jpeg[:300], jpeg], 32, rng)
     assert ok == [0, 2] and list(errors) == [1]
+
+
+def test_region_decode_refuses_negative_out_of_range_and_wrapping_arguments():
+    """Each of these once reached libjpeg: "I" parsing took -1 as 4294967295 and 2**32 + 10
+    as 10, and top + height wrapped in 32 bits, so the region passed the bounds check."""
+    _needs_region_decode()
+    jpeg = _encode(_scene())  # 150 x 200
+    cases = {  # (top, left, height, width, out bytes) -> what the error names
+        (-1, 0, 10, 10, 300): ">= 0", (0, -1, 10, 10, 300): ">= 0", (0, 0, 0, 10, 0): "> 0",
+        (0, 0, 10, -3, 300): "> 0",
+        (2**32 - 5, 0, 10, 10, 300): "outside the image",  # 32-bit top + height wraps to 5
+        (0, 2**32 - 1, 10, 1, 30): "outside the image",
+        (0, 0, 2**32 + 10, 10, 300): "outside the image",  # taken as 10 rows by "I"
+        (0, 0, 2**31, 2**31, 300): "outside the image",  # larger than any JPEG, refused before the product
+        (2**64, 0, 10, 10, 300): "fit in a Py_ssize_t", (1.5, 0, 10, 10, 300): "fit in a Py_ssize_t",
+        (140, 0, 20, 10, 600): "outside the image", (0, 190, 10, 20, 600): "outside the image",
+        (0, 0, 10, 10, 299): "height \\* width \\* 3",
+    }
+    for (top, left, h, w, size), message in cases.items():
+        with pytest.raises(ValueError, match=message):
+            _jpeg_region.decode_region(jpeg, top, left, h, w, bytearray(size))
+    with pytest.raises(ValueError, match="empty"):
+        _jpeg_region.decode_region(b"", 0, 0, 1, 1, bytearray(3))
+
+
+FUZZ = """
+import io, json, sys
+import numpy as np
+from PIL import Image
+import mae_jpeg_region as region
+from mae.transforms import decode_crop_batch
+
+rng = np.random.default_rng(int(sys.argv[1]))
+y, x = np.mgrid[0:96, 0:128]
+scene = np.stack([x * 2, y * 2, (x + y)], -1) + rng.normal(0, 40, (96, 128, 3))
+photos = []
+for opts in (dict(subsampling=2), dict(subsampling=0), dict(subsampling=2, progressive=True), dict()):
+    buf = io.BytesIO()
+    img = Image.fromarray(scene.clip(0, 255).astype(np.uint8))
+    (img.convert("L") if not opts else img).save(buf, format="JPEG", quality=90, **opts)
+    photos.append(buf.getvalue())
+outcomes = {"decoded": 0, "refused": 0}
+for n in range(int(sys.argv[2])):
+    data = bytearray(photos[n % len(photos)])
+    for _ in range(int(rng.integers(1, 12))):  # flipped bytes anywhere, header included
+        data[int(rng.integers(0, len(data)))] = int(rng.integers(0, 256))
+    if rng.random() < 0.3:
+        data = data[:int(rng.integers(2, len(data)))] + (b"\\xff\\xd9" if rng.random() < 0.5 else b"")
+    data = bytes(data)
+    try:
+        height, width, _ = region.size(data)
+    except ValueError:
+        height, width = 96, 128
+    for _ in range(4):  # windows inside the header's size, and past it
+        h, w = int(rng.integers(1, height + 20)), int(rng.integers(1, width + 20))
+        top, left = int(rng.integers(0, height + 10)), int(rng.integers(0, width + 10))
+        out = np.full((h, w, 3), 7, dtype=np.uint8)
+        try:
+            assert region.decode_region(data, top, left, h, w, out) in (True, False)
+            outcomes["decoded"] += 1
+        except ValueError:
+            outcomes["refused"] += 1
+    decode_crop_batch([data], 32, rng)  # the stream's path: decoded (region or whole) or skipped
+print(json.dumps(outcomes))
+"""
+
+
+def test_region_decode_survives_mutated_jpegs():
+    """Hundreds of seeded random mutations of real JPEGs (flipped bytes, truncations), each
+    decoded in windows inside and outside its header's size, in a child process, so that a
+    crash fails this test instead of the suite. Every call gives a result or a ValueError."""
+    _needs_region_decode()
+    from conftest import ROOT
+    out = subprocess.run([sys.executable, "-X", "faulthandler", "-c", FUZZ, "0", "400"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    outcomes = json.loads(out.stdout.strip().splitlines()[-1])
+    assert outcomes["decoded"] > 100 and outcomes["refused"] > 100  # both paths were exercised
