@@ -1,7 +1,8 @@
 """Run storage: a local/NFS folder or an S3-compatible bucket, through pyarrow filesystems.
 
-Writes are whole-file and atomic: on a local filesystem a temporary file then a rename; on
-S3 an object appears whole when its upload completes.
+Writes are whole-file and atomic: on a local filesystem a temporary file, fsynced, then a
+rename (no temporary file is left behind when any step fails); on S3 an object appears
+whole when its upload completes.
 """
 import os
 import uuid
@@ -34,10 +35,22 @@ class Storage:
         self.fs.create_dir(parent, recursive=True)
         if isinstance(self.fs, pafs.LocalFileSystem):
             tmp = f"{parent}/.{target.rsplit('/', 1)[1]}.{uuid.uuid4().hex}.tmp"
-            with self.fs.open_output_stream(tmp) as f:
-                f.write(data)
-            os.chmod(tmp, 0o644)
-            self.fs.move(tmp, target)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, target)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise
+            folder = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(folder)  # and the rename itself survives a crash
+            finally:
+                os.close(folder)
         else:
             with self.fs.open_output_stream(target) as f:
                 f.write(data)

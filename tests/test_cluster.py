@@ -69,12 +69,18 @@ def test_fits():
     assert fit_errors(2, {"CPU": 0.5}, 1, [{"CPU": 2}]) == []
 
 
-def test_local_and_s3_storage_write_read_list(tmp_path, s3_server):
+def test_local_and_s3_storage_write_read_and_leave_nothing_on_failure(tmp_path, s3_server):
     for uri, endpoint in ((str(tmp_path / "runs"), None), ("s3://runs/storage-test", s3_server)):
         run = open_storage(uri, endpoint).child("r1")
         run.write("a/b.txt", "hello")
         run.write("a/b.txt", b"hello again")  # whole-file replacement
         assert run.read("a/b.txt") == b"hello again" and run.read("missing") is None
+    (tmp_path / "run" / "c").mkdir(parents=True)
+    (tmp_path / "run" / "c" / "kept").write_text("x")
+    with pytest.raises(OSError):  # the rename fails: a folder holds the name
+        open_storage(str(tmp_path / "run")).write("c", b"lost")
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["c"]  # no temporary file left
+    assert [p.name for p in (tmp_path / "run" / "c").iterdir()] == ["kept"]
     with pytest.raises(ValueError, match="unsupported storage 'gs://x'"):
         open_storage("gs://x")
 
@@ -136,8 +142,35 @@ def test_cluster_files_declare_sdaa_token_auth_and_the_entry_point():
     starts = " ".join(launcher["head_start_ray_commands"] + launcher["worker_start_ray_commands"])
     assert starts.count("""--resources='{"sdaa": 8}'""") == 2 and starts.count("RAY_AUTH_MODE=token") == 2
     assert "--dashboard-host=127.0.0.1" in starts
+    assert {".venv", "data", "runs", "build", "*.so", "*.egg-info"} <= set(launcher["rsync_exclude"])
+    assert launcher["rsync_filter"] == [".gitignore"]
+    assert "chmod 600 ~/.ray/auth_token" in launcher["setup_commands"]
     job = yaml.safe_load((ROOT / "cluster" / "kuberay-rayjob.yaml").read_text())
     assert job["kind"] == "RayJob" and "pipelines/pretrain.py" in job["spec"]["entrypoint"]
     spec = job["spec"]["rayClusterSpec"]
     assert spec["authOptions"]["mode"] == "token" and spec["headGroupSpec"]["serviceType"] == "ClusterIP"
     assert json.loads(json.loads(spec["workerGroupSpecs"][0]["rayStartParams"]["resources"])) == {"sdaa": 8}
+
+
+def test_every_ray_command_the_operator_files_name_exists():
+    """`ray <command> --flag` in cluster/ray-cluster.yaml and cluster/README.md: each command
+    and each of its long flags is in the installed Ray's own --help."""
+    import subprocess
+
+    from conftest import RAY, ROOT
+    readme = (ROOT / "cluster" / "README.md").read_text()
+    code = re.findall(r"```(.*?)```", readme, re.S)  # README's code blocks and `inline code`, not its prose
+    code += re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", readme, flags=re.S))
+    code = [re.sub(r"(^|\s)#.*", "", line) for block in code for line in block.splitlines()]  # comments: prose
+    text = (ROOT / "cluster" / "ray-cluster.yaml").read_text() + "\n".join(code)
+    named = {}
+    for m in re.finditer(r"\bray ([a-z][a-z-]+)([^\n`|#]*)", text):
+        own = m.group(2).split(" -- ")[0]  # after " -- " come the entry point's own arguments
+        named.setdefault(m.group(1), set()).update(re.findall(r"(--[a-z][a-z-]*)", own))
+    assert {"up", "start", "stop", "dashboard", "job", "get-auth-token"} <= set(named)
+    for command, flags in named.items():
+        args = [RAY, command, "submit", "--help"] if command == "job" else [RAY, command, "--help"]
+        out = subprocess.run(args, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, f"ray {command}: {out.stderr[-500:]}"
+        assert not [f for f in flags if f not in out.stdout], f"ray {command} has no {flags}"
+
