@@ -138,7 +138,8 @@ class RunConfig:
     keep_checkpoints: int | None = 5
     """How many of the latest checkpoints to keep (null: all)."""
     max_failures: int = 0
-    """Worker-group restarts from the latest checkpoint after a worker dies (-1: unlimited)."""
+    """Worker-group restarts from the latest checkpoint after a worker dies (-1: unlimited).
+    Errors a restart would meet again (a non-finite loss) end the run at once."""
     resume_from: str | None = None
     """Start a run that has no checkpoint yet from this checkpoint (ours or an official MAE
     .pth; a path or s3:// URL). Once the run has its own checkpoints, they take precedence."""

@@ -25,7 +25,8 @@ from pipelines.config import Config, ConfigError, DataConfig, TrainConfig, load_
 from pipelines.demo_data import write_digits  # noqa: E402
 from pipelines.reading import DataError, Source, open_source  # noqa: E402
 from pipelines.stream import image_stream  # noqa: E402
-from pipelines.train_loop import NonFiniteLossError, train_loop_per_worker  # noqa: E402
+from pipelines.run_files import read_jsonl  # noqa: E402
+from pipelines.train_loop import train_loop_per_worker  # noqa: E402
 
 
 def parse_args(argv=None) -> Config:
@@ -109,9 +110,11 @@ def main(argv=None) -> int:
     try:
         result = build_trainer(cfg, stream, len(source), source.held_out(8)).fit()
     except ray.train.TrainingFailedError as e:
-        failures = getattr(e, "worker_failures", {}) or {}
-        nonfinite = [f for f in failures.values() if isinstance(f, NonFiniteLossError)]
-        print(f"error: {nonfinite[0] if nonfinite else e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    last_start = (read_jsonl(cfg.run_storage(), "attempts.jsonl") or [{}])[-1]
+    if "error" in last_start:  # an error a restart would meet again: the run ended once, not retried
+        print(f"error: {last_start['error']}", file=sys.stderr)
         return 1
     run = cfg.run_storage().uri
     print(f"run directory: {run}")

@@ -21,6 +21,15 @@ def read_jsonl(storage: Storage, name: str) -> list[dict]:
     return [json.loads(line) for line in data.decode().splitlines() if line.strip()] if data else []
 
 
+def end_attempt(storage: Storage, error: str) -> None:
+    """Record that the latest start of the worker group ended on `error`, one that a restart
+    would meet again (the driver reports it and exits 1)."""
+    attempts = read_jsonl(storage, "attempts.jsonl")
+    if attempts:
+        attempts[-1]["error"] = error
+        storage.write("attempts.jsonl", "".join(json.dumps(r) + "\n" for r in attempts))
+
+
 class RunLog:
     """The run's metrics and step records, kept in memory on rank 0 and flushed each epoch,
     with the figures and (optionally) TensorBoard events."""

@@ -30,7 +30,7 @@ from mae.recipe import fractional_epoch, lr_at, scaled_lr, set_lr
 from mae.transforms import eval_crops, normalize_on_device
 from mae.visualize import grid_png, reconstruct
 from pipelines.config import ModelConfig, OptimConfig, TrainConfig, from_dict
-from pipelines.run_files import RunLog
+from pipelines.run_files import RunLog, end_attempt
 from pipelines.train_state import State, build_state, checkpoint_dict, restore, run_record, starting_checkpoint
 
 logger = logging.getLogger("mae.train")
@@ -38,8 +38,15 @@ logger = logging.getLogger("mae.train")
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class NonFiniteLossError(RuntimeError):
+class FatalError(RuntimeError):
+    """What a restart from the last checkpoint would meet again: the run ends at once, with
+    this message, however many restarts `run.max_failures` allows."""
+
+
+class NonFiniteLossError(FatalError):
     """The loss became NaN or infinite; the run stops without checkpointing the weights."""
+
+
 
 
 @dataclass(frozen=True)
@@ -127,7 +134,22 @@ class Loop:
 
 
 def train_loop_per_worker(config: dict) -> None:
+    """Train. A FatalError ends this worker normally, its message recorded as the `error` of
+    this start in attempts.jsonl (by rank 0), so that Ray Train does not restart the worker
+    group only to meet it again: its failure policy retries every worker error up to
+    `max_failures`. Every rank meets a FatalError at the same point (the losses are
+    all-reduced; the device checks are the same on every worker)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        train(config)
+    except FatalError as e:
+        rank = ray.train.get_context().get_world_rank()
+        logger.error("rank %d: %s", rank, e)
+        if rank == 0:
+            end_attempt(config["storage"], str(e))
+
+
+def train(config: dict) -> None:
     cfg = from_dict(config["cfg"])
     row = cfg.accelerator
     worker, placement = start_worker(row, cfg.train.precision)
@@ -175,7 +197,7 @@ def start_worker(row: Accelerator, precision: str) -> tuple[Worker, dict]:
     ctx = ray.train.get_context()
     device = prepare_device(row, ctx.get_local_rank())
     if precision == "bf16" and not row.supports_bf16():
-        raise RuntimeError(f"train.precision=bf16: this {row.device_type} device does not support bf16; use fp16")
+        raise FatalError(f"train.precision=bf16: this {row.device_type} device does not support bf16; use fp16")
     worker = Worker(ctx.get_world_rank(), ctx.get_world_size(), device)
     placement = worker_placement(worker.rank, device)
     logger.info("rank %d: pid %d on %s, device %s, Ray resources %s", worker.rank, placement["pid"],

@@ -1,4 +1,6 @@
 """The real entry point on the shared local Ray cluster: train, resume, extend, stop on NaN."""
+import re
+
 import pytest
 import torch
 
@@ -98,10 +100,15 @@ def test_checkpoint_loads_into_fresh_model_strict(run):
     assert torch.isfinite(loss)
 
 
-def test_non_finite_loss_stops_with_step_and_saves_nothing(ray_cluster, digits, tmp_path):
+@pytest.mark.parametrize("max_failures", [0, -1])
+def test_non_finite_loss_stops_with_step_and_saves_nothing(ray_cluster, digits, tmp_path, max_failures):
+    """A restart would meet the same loss again: the run ends once, even with unlimited restarts."""
     result = pretrain(f"data.path={digits}", f"run.storage_path={tmp_path}", "run.name=nan",
-                      "optim.lr=1e30", "train.accum_iter=2", "train.log_every_steps=2")
+                      "optim.lr=1e30", "train.accum_iter=2", "train.log_every_steps=2",
+                      f"run.max_failures={max_failures}")
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "loss is nan at step" in result.stderr or "loss is inf at step" in result.stderr
+    assert re.search(r"^error: loss is (nan|inf) at step \d+; stopping without saving a checkpoint$",
+                     result.stderr, re.M), result.stderr[-2000:]
     assert checkpoints(tmp_path / "nan") == []
     assert not (tmp_path / "nan" / "metrics.jsonl").exists()
+    assert len(jsonl(tmp_path / "nan" / "attempts.jsonl")) == 1  # started once, never restarted
