@@ -24,8 +24,8 @@ from cluster.torch_backend import AcceleratorTorchConfig  # noqa: E402
 from pipelines.config import Config, ConfigError, DataConfig, TrainConfig, load_config, to_yaml  # noqa: E402
 from pipelines.demo_data import write_digits  # noqa: E402
 from pipelines.reading import DataError, Source, open_source  # noqa: E402
-from pipelines.stream import image_stream  # noqa: E402
 from pipelines.run_files import read_jsonl  # noqa: E402
+from pipelines.stream import image_stream  # noqa: E402
 from pipelines.train_loop import train_loop_per_worker  # noqa: E402
 
 
@@ -112,11 +112,12 @@ def main(argv=None) -> int:
     except ray.train.TrainingFailedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    last_start = (read_jsonl(cfg.run_storage(), "attempts.jsonl") or [{}])[-1]
+    run_dir = cfg.run_storage()
+    last_start = (read_jsonl(run_dir, "attempts.jsonl") or [{}])[-1]
     if "error" in last_start:  # an error a restart would meet again: the run ended once, not retried
         print(f"error: {last_start['error']}", file=sys.stderr)
         return 1
-    run = cfg.run_storage().uri
+    run = run_dir.uri
     print(f"run directory: {run}")
     print(f"  latest checkpoint: {result.checkpoint.path if result.checkpoint else None}")
     print(f"  config:            {run}/config.yaml")

@@ -21,13 +21,18 @@ def read_jsonl(storage: Storage, name: str) -> list[dict]:
     return [json.loads(line) for line in data.decode().splitlines() if line.strip()] if data else []
 
 
+def write_jsonl(storage: Storage, name: str, records: list[dict]) -> None:
+    """The whole file, one JSON object per line (atomically, as every Storage write)."""
+    storage.write(name, "".join(json.dumps(r) + "\n" for r in records))
+
+
 def end_attempt(storage: Storage, error: str) -> None:
     """Record that the latest start of the worker group ended on `error`, one that a restart
     would meet again (the driver reports it and exits 1)."""
     attempts = read_jsonl(storage, "attempts.jsonl")
     if attempts:
         attempts[-1]["error"] = error
-        storage.write("attempts.jsonl", "".join(json.dumps(r) + "\n" for r in attempts))
+        write_jsonl(storage, "attempts.jsonl", attempts)
 
 
 class RunLog:
@@ -54,19 +59,19 @@ class RunLog:
         worker ran. The file is a history, never truncated."""
         attempt = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **attempt}
         self.attempts = read_jsonl(self.storage, "attempts.jsonl") + [attempt]
-        self.storage.write("attempts.jsonl", "".join(json.dumps(r) + "\n" for r in self.attempts))
+        write_jsonl(self.storage, "attempts.jsonl", self.attempts)
 
     def flush_steps(self, step_records: list[dict]) -> None:
         """Mid-epoch (with a mid-epoch checkpoint): the step records so far."""
         self.steps.extend(step_records)
-        self.storage.write("steps.jsonl", "".join(json.dumps(r) + "\n" for r in self.steps))
+        write_jsonl(self.storage, "steps.jsonl", self.steps)
         if self.writer is not None:
             self._write_events(None, step_records, None)
 
     def flush(self, epoch_metrics: dict, step_records: list[dict], reconstruction_png: bytes | None = None) -> None:
         self.metrics.append(epoch_metrics)
         self.flush_steps(step_records)
-        self.storage.write("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.metrics))
+        write_jsonl(self.storage, "metrics.jsonl", self.metrics)
         self.storage.write("loss_curve.png", plot_loss_curve(self.steps, self.metrics))
         if reconstruction_png is not None:
             self.storage.write(f"reconstructions/epoch_{epoch_metrics['epoch']:04d}.png", reconstruction_png)

@@ -145,8 +145,8 @@ class ImageDatasource(ray.data.Datasource):
                      for k in range(0, len(order), per_task)]
             return [(u, len(u)) for u in units]
         if src.format == "parquet":
-            pieces = [((shard, k, parquet_parts(n, per_task)), n // parquet_parts(n, per_task))
-                      for shard, n in zip(src.files, src.counts) for k in range(parquet_parts(n, per_task))]
+            parts = [parquet_parts(n, per_task) for n in src.counts]
+            pieces = [((shard, k, p), n // p) for shard, n, p in zip(src.files, src.counts, parts) for k in range(p)]
             return [pieces[i] for i in rng.permutation(len(pieces))]
         return [(src.files[i], src.counts[i]) for i in rng.permutation(len(src.files))]
 
