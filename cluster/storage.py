@@ -4,7 +4,9 @@ Writes are whole-file and atomic: on a local filesystem a temporary file, fsynce
 rename (no temporary file is left behind when any step fails); on S3 an object appears
 whole when its upload completes.
 """
+import configparser
 import os
+import stat
 import uuid
 from dataclasses import dataclass
 
@@ -21,12 +23,16 @@ class Storage:
     fs: pafs.FileSystem
     root: str  # path inside `fs` (no scheme)
     uri: str  # what the user wrote, for messages
+    endpoint: str | None = None  # S3: the endpoint, region and credentials file it was opened with
+    region: str | None = None
+    credentials_file: str | None = None
 
     def path(self, rel: str = "") -> str:
         return f"{self.root}/{rel}" if rel else self.root
 
     def child(self, rel: str) -> "Storage":
-        return Storage(self.fs, self.path(rel), f"{self.uri.rstrip('/')}/{rel}")
+        return Storage(self.fs, self.path(rel), f"{self.uri.rstrip('/')}/{rel}", self.endpoint, self.region,
+                       self.credentials_file)
 
     def write(self, rel: str, data: bytes | str) -> None:
         data = data.encode() if isinstance(data, str) else data
@@ -55,6 +61,30 @@ class Storage:
             with self.fs.open_output_stream(target) as f:
                 f.write(data)
 
+    def sync(self, rel: str) -> None:
+        """Make what another writer put at `rel` (a file, or a folder and its files: Ray
+        Train's checkpoint upload) survive a crash of this machine: on a local filesystem,
+        fsync its files and the folders that name them, up to this one. On S3 nothing is
+        needed: an object is durable once its upload completes."""
+        if not isinstance(self.fs, pafs.LocalFileSystem):
+            return
+        target = self.path(rel)
+        if not os.path.exists(target):
+            return
+        paths = [target]
+        if os.path.isdir(target):
+            paths = [os.path.join(d, n) for d, _, names in os.walk(target) for n in names] + [target]
+        folder = os.path.dirname(target)
+        while folder.startswith(self.root):
+            paths.append(folder)
+            folder = os.path.dirname(folder)
+        for path in paths:
+            fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if os.path.isdir(path) else 0))
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
     def read(self, rel: str) -> bytes | None:
         try:
             with self.fs.open_input_stream(self.path(rel)) as f:
@@ -63,13 +93,46 @@ class Storage:
             return None
 
 
-def s3_filesystem(endpoint: str | None = None, region: str | None = None, access_key: str | None = None,
-                  secret_key: str | None = None) -> pafs.S3FileSystem:
-    """S3 or an S3-compatible store (MinIO, Ceph, moto): credentials given, else from the
-    usual AWS environment variables / config files; `endpoint` e.g. http://127.0.0.1:9000."""
-    kwargs = {}
-    if access_key:
-        kwargs.update(access_key=access_key, secret_key=secret_key)
+class CredentialsError(ValueError):
+    """A credentials file that cannot be used; the message names the file, never a value."""
+
+
+def read_credentials(path: str, profile: str = "default") -> dict[str, str]:
+    """The keys of an AWS shared-credentials file (INI: `[default]` with aws_access_key_id,
+    aws_secret_access_key, optionally aws_session_token), as pyarrow's S3FileSystem takes
+    them. The values are taken as strings, exactly as written. The file must be readable by
+    its owner only (mode 600): a key others can read is a leaked key."""
+    path = os.path.expanduser(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise CredentialsError(f"{path}: no such credentials file") from None
+    if mode & 0o077:
+        raise CredentialsError(f"{path}: readable by others (mode {stat.S_IMODE(mode):o}); chmod 600 {path}")
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read(path)
+    except configparser.Error:
+        raise CredentialsError(f"{path}: not an AWS credentials file ([{profile}] with aws_access_key_id "
+                               "and aws_secret_access_key)") from None
+    if not parser.has_section(profile):
+        raise CredentialsError(f"{path}: has no [{profile}] section")
+    section = parser[profile]
+    missing = [k for k in ("aws_access_key_id", "aws_secret_access_key") if not section.get(k)]
+    if missing:
+        raise CredentialsError(f"{path}: [{profile}] lacks {' and '.join(missing)}")
+    keys = {"access_key": section["aws_access_key_id"], "secret_key": section["aws_secret_access_key"]}
+    if section.get("aws_session_token"):
+        keys["session_token"] = section["aws_session_token"]
+    return keys
+
+
+def s3_filesystem(endpoint: str | None = None, region: str | None = None,
+                  credentials_file: str | None = None) -> pafs.S3FileSystem:
+    """S3 or an S3-compatible store (MinIO, Ceph, moto): credentials from `credentials_file`
+    (see `read_credentials`), else from the usual AWS environment variables / config files /
+    instance role; `endpoint` e.g. http://127.0.0.1:9000."""
+    kwargs = read_credentials(credentials_file) if credentials_file else {}
     if endpoint:
         kwargs["endpoint_override"] = endpoint
         kwargs["scheme"] = "https" if endpoint.startswith("https") else "http"
@@ -80,10 +143,11 @@ def s3_filesystem(endpoint: str | None = None, region: str | None = None, access
 
 
 def open_storage(uri: str, endpoint: str | None = None, region: str | None = None,
-                 access_key: str | None = None, secret_key: str | None = None) -> Storage:
+                 credentials_file: str | None = None) -> Storage:
     """`s3://bucket/prefix` or a local path (made absolute)."""
     if uri.startswith("s3://"):
-        return Storage(s3_filesystem(endpoint, region, access_key, secret_key), uri[len("s3://"):].rstrip("/"), uri)
+        return Storage(s3_filesystem(endpoint, region, credentials_file), uri[len("s3://"):].rstrip("/"), uri,
+                       endpoint, region, credentials_file)
     if is_uri(uri):
         raise ValueError(f"unsupported storage {uri!r}: use a local/NFS path or s3://bucket/prefix")
     path = os.path.abspath(os.path.expanduser(uri))

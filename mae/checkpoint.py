@@ -42,10 +42,25 @@ def latest_checkpoint(path: str | os.PathLike) -> str:
 
 
 def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
-    """Write a checkpoint into a folder of its own that nothing reads until it is complete
-    (Ray Train uploads it from there); atomic writes into a run directory are
-    `cluster.storage.Storage.write`'s."""
-    torch.save(obj, path)
+    """Write a checkpoint file whole or not at all: into a temporary file beside it, fsynced,
+    then renamed; a failure (a full disk, an object that does not pickle) leaves neither."""
+    path = os.fspath(path)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:

@@ -8,9 +8,16 @@ A plain JPEG is cropped before it is decoded: the crop is drawn from the header'
 only its rows and columns are decoded (`csrc/jpeg_region.c`), with the pixels of decoding
 the whole image and cropping. Without that compiled module, or for other files, the whole
 image is decoded.
+
+Every decode path first reads the image's size from its header (`image_size`) and refuses,
+with a ValueError, a file over the pixel or byte budget (`check_limits`), so a small file that
+claims a huge image never gets its pixels allocated.
 """
 import io
 import math
+import re
+import struct
+import warnings
 
 import numpy as np
 import torch
@@ -28,22 +35,109 @@ REGION_DECODE = _jpeg_region is not None
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+DEFAULT_MAX_PIXELS = 90_000_000  # height * width; well above any ImageNet image
+DEFAULT_MAX_BYTES = 64 * 2**20  # size of the encoded file
 
-def decode_rgb(data: bytes) -> torch.Tensor:
-    """Encoded image bytes -> uint8 [3, H, W] RGB (grayscale, CMYK and PNG included).
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_JPEG_MARKER = re.compile(rb"\xff[^\xff]")  # the last 0xFF of a run (fill bytes) and the marker's code
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOF0-SOF15 but DHT, JPG, DAC
 
-    Raises ValueError when the bytes are not a decodable image.
-    """
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    """(height, width) from the first frame header (SOFn), stepping over the segments
+    before it by their lengths (APPn segments, EXIF thumbnails included, are skipped whole).
+    Bytes between segments that are not a marker are passed over, as libjpeg passes them."""
+    pos = 2
+    while True:
+        m = _JPEG_MARKER.search(data, pos)
+        if m is None:
+            raise ValueError("not a decodable image: JPEG header ends before its frame header")
+        code, pos = data[m.end() - 1], m.end()
+        if code in (0x00, 0x01) or 0xD0 <= code <= 0xD7:  # stuffed zero, TEM, RSTn: no length
+            continue
+        if code in (0xD8, 0xD9, 0xDA):  # SOI, EOI, SOS before any frame header
+            raise ValueError(f"not a decodable image: JPEG marker 0x{code:02X} before its frame header")
+        if pos + 2 > len(data):
+            raise ValueError("not a decodable image: JPEG header ends inside a segment")
+        length = int.from_bytes(data[pos:pos + 2], "big")
+        if length < 2:
+            raise ValueError(f"not a decodable image: JPEG segment length {length}")
+        if code in _JPEG_SOF:  # length, precision, height, width, components
+            if pos + 7 > len(data):
+                raise ValueError("not a decodable image: JPEG header ends inside its frame header")
+            height, width = struct.unpack(">HH", data[pos + 3:pos + 7])
+            return height, width
+        pos += length
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(height, width) of encoded image bytes, from the header only: nothing is decoded.
+
+    JPEG from its frame header, PNG from IHDR, other formats from `PIL.Image.open`, which
+    reads the header lazily. Raises ValueError ("not a decodable image: ...") when no size
+    can be read, and for a header over PIL's own decompression-bomb limit."""
     if not data:
         raise ValueError("not a decodable image: empty file")
-    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    try:
-        return decode_image(buf, mode=ImageReadMode.RGB)
-    except RuntimeError:
-        pass
+    if data[:2] == b"\xff\xd8":
+        height, width = _jpeg_size(data)
+    elif data[:8] == _PNG_SIGNATURE:
+        if len(data) < 24 or data[12:16] != b"IHDR":
+            raise ValueError("not a decodable image: PNG without its IHDR chunk")
+        width, height = struct.unpack(">II", data[16:24])
+    else:
+        try:
+            with warnings.catch_warnings():  # the pixel budget is ours to check, not PIL's to warn about
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(data)) as im:
+                    width, height = im.size
+        except Image.DecompressionBombError as e:
+            raise ValueError(f"image over PIL's decompression-bomb limit: {e}") from None
+        except Image.UnidentifiedImageError:
+            raise ValueError(f"not a decodable image: no known image format starts {data[:8]!r}") from None
+        except Exception as e:
+            raise ValueError(f"not a decodable image: {e}") from None
+    if height == 0 or width == 0:
+        raise ValueError(f"not a decodable image: header gives {width}x{height}")
+    return height, width
+
+
+def _file_size(n: int) -> str:
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.1f} KB"
+
+
+def check_limits(data: bytes, max_pixels: int, max_bytes: int) -> None:
+    """Raise ValueError when the encoded file is over `max_bytes` or its header claims more
+    than `max_pixels` (height * width), or has no readable size; before anything is decoded."""
+    if len(data) > max_bytes:
+        raise ValueError(f"encoded image is {_file_size(len(data))}, over data.max_image_bytes={max_bytes}")
+    height, width = image_size(data)
+    if height * width > max_pixels:
+        raise ValueError(f"image is {_file_size(len(data))} but claims {width}x{height} "
+                         f"({height * width / 1e6:.1f} MP), over data.max_pixels={max_pixels}")
+
+
+def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES) -> torch.Tensor:
+    """Encoded image bytes -> uint8 [3, H, W] RGB (grayscale, CMYK and PNG included).
+
+    Raises ValueError when the bytes are not a decodable image or are over the budget
+    (`check_limits`).
+    """
+    check_limits(data, max_pixels, max_bytes)
+    return _decode_rgb(data)
+
+
+def _decode_rgb(data: bytes) -> torch.Tensor:
+    """`decode_rgb` for bytes that passed `check_limits`."""
+    if data[:4] != b"GIF8":  # torchvision decodes every frame of a GIF, PIL the first only
+        try:
+            return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except RuntimeError:
+            pass
     try:  # formats libjpeg-turbo / libpng refuse but PIL reads
-        with Image.open(io.BytesIO(data)) as im:
-            arr = np.asarray(im.convert("RGB"))
+        with warnings.catch_warnings():  # the budget was checked on this header
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                arr = np.asarray(im.convert("RGB"))
     except Exception as e:
         raise ValueError(f"not a decodable image: {e}") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
@@ -88,18 +182,19 @@ def _resize_flip(crop: torch.Tensor, size: int, rng: np.random.Generator) -> tor
     return out.permute(1, 2, 0)
 
 
-def jpeg_crop_flip(data: bytes, size: int, rng: np.random.Generator, scale=(0.2, 1.0)) -> torch.Tensor | None:
+def jpeg_crop_flip(data: bytes, size: int, rng: np.random.Generator, scale=(0.2, 1.0),
+                   max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor | None:
     """`random_crop_flip(decode_rgb(data), ...)` for a complete RGB or grayscale JPEG,
     decoding only the crop (the rows below it are never read, the inverse DCT of the rows
     above and the columns beside it is skipped): the same draws from `rng`, the same pixels.
-    None where it does not apply (module not built, CMYK, no end-of-image marker, a libjpeg
-    warning or error); the caller then decodes the whole image (the draws made here are
-    spent)."""
+    None where it does not apply (module not built, CMYK, no end-of-image marker, libjpeg's
+    header over `max_pixels`, a libjpeg warning or error); the caller then decodes the whole
+    image, which `check_limits` guards (the draws made here are spent)."""
     if _jpeg_region is None or data[:2] != b"\xff\xd8" or data[-2:] != b"\xff\xd9":
         return None
     try:
         height, width, fits = _jpeg_region.size(data)
-        if not fits:
+        if not fits or height * width > max_pixels:
             return None
         top, left, h, w = random_resized_crop_params(height, width, rng, scale)
         region = torch.empty((h, w, 3), dtype=torch.uint8)
@@ -110,24 +205,32 @@ def jpeg_crop_flip(data: bytes, size: int, rng: np.random.Generator, scale=(0.2,
     return _resize_flip(region.permute(2, 0, 1), size, rng)
 
 
-def decode_crop_batch(blobs, size: int, rng: np.random.Generator, scale=(0.2, 1.0), augment: bool = True):
+def decode_crop_batch(blobs, size: int, rng: np.random.Generator, scale=(0.2, 1.0), augment: bool = True,
+                      max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES):
     """Decode + crop + flip a batch of encoded images (`augment=False`: resize + centre
-    crop instead, the evaluation view).
+    crop instead, the evaluation view), each checked against the budget (`check_limits`)
+    before it is decoded.
 
     Returns (uint8 array [B_ok, size, size, 3], indices of the blobs that decoded, errors
-    as {index: message} for the ones that did not).
+    as {index: message} for the ones that did not). Any exception of one image makes it an
+    error, never the batch's.
     """
     images = np.empty((len(blobs), size, size, 3), dtype=np.uint8)
     ok, errors = [], {}
     for i, data in enumerate(blobs):
-        crop = jpeg_crop_flip(data, size, rng, scale) if augment else None
         try:
+            check_limits(data, max_pixels, max_bytes)
+            crop = jpeg_crop_flip(data, size, rng, scale, max_pixels) if augment else None
             if crop is None:
-                crop = random_crop_flip(decode_rgb(data), size, rng, scale) if augment else eval_view(data, size)
+                img = _decode_rgb(data)
+                crop = random_crop_flip(img, size, rng, scale) if augment else eval_resize_crop(img, size)
+            torch.from_numpy(images[len(ok)]).copy_(crop)
         except ValueError as e:
             errors[i] = str(e)
             continue
-        torch.from_numpy(images[len(ok)]).copy_(crop)
+        except Exception as e:  # MemoryError, a decoder's RuntimeError or OSError: one skipped file
+            errors[i] = f"{type(e).__name__}: {e}"
+            continue
         ok.append(i)
     images = images[:len(ok)]
     return images, ok, errors
@@ -159,13 +262,15 @@ def eval_resize_crop(img: torch.Tensor, size: int, crop_pct: float = 224 / 256) 
     return TF.center_crop(out, [size, size]).permute(1, 2, 0)
 
 
-def eval_view(data: bytes, size: int) -> torch.Tensor:
+def eval_view(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+              max_bytes: int = DEFAULT_MAX_BYTES) -> torch.Tensor:
     """Encoded image bytes -> uint8 [size, size, 3]: the evaluation view (`eval_resize_crop`
     of the decoded image), as figures, evaluation and the stream's `augment=False` show it.
-    Raises ValueError when the bytes are not a decodable image."""
-    return eval_resize_crop(decode_rgb(data), size)
+    Raises ValueError when the bytes are not a decodable image or are over the budget."""
+    return eval_resize_crop(decode_rgb(data, max_pixels, max_bytes), size)
 
 
-def eval_crops(blobs, size: int) -> torch.Tensor:
+def eval_crops(blobs, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+               max_bytes: int = DEFAULT_MAX_BYTES) -> torch.Tensor:
     """`eval_view` of each of a list of encoded images -> uint8 [N, size, size, 3]."""
-    return torch.stack([eval_view(data, size) for data in blobs])
+    return torch.stack([eval_view(data, size, max_pixels, max_bytes) for data in blobs])

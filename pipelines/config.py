@@ -12,7 +12,7 @@ import yaml
 
 import mae
 from cluster.accelerators import ACCELERATORS, Accelerator, resolve
-from cluster.storage import Storage, is_uri, open_storage
+from cluster.storage import CredentialsError, Storage, is_uri, open_storage, read_credentials
 
 
 class ConfigError(ValueError):
@@ -46,10 +46,11 @@ class DataConfig:
     http://10.0.0.5:9000; null: AWS S3 (or AWS_ENDPOINT_URL)."""
     s3_region: str | None = None
     """Region of the data bucket (S3 proper)."""
-    s3_access_key: str | None = None
-    """Credentials for the data bucket; null: the usual AWS environment variables / files.
-    Never written to config.yaml or checkpoints."""
-    s3_secret_key: str | None = None
+    s3_credentials_file: str | None = None
+    """An AWS shared-credentials file (`[default]` with aws_access_key_id and
+    aws_secret_access_key), mode 600, holding the data bucket's keys; null: the usual AWS
+    environment variables / files / instance role of each node. Keys themselves are never
+    config values (they would show in `ray job list`, the dashboard and config.yaml)."""
     build_demo: bool = False
     """If `path` holds no data, write the bundled demo dataset (handwritten digits) there."""
     decode_batch_size: int = 256
@@ -72,6 +73,16 @@ class DataConfig:
     """Most bytes of decoded crops the stream holds ahead of training (queued, prefetched
     or being decoded); null: three blocks per decode task plus two, at most half the
     object store."""
+    max_pixels: int = 90_000_000
+    """Largest image decoded, in pixels, read from its header before anything is allocated
+    (ImageNet's largest is about 20 MP); a larger one is skipped and counted."""
+    max_image_bytes: int = 64 * 2**20
+    """Largest encoded image read; a larger file or tar member is skipped unread."""
+    read_retries: int = 3
+    """Retries of a transient storage error (connection lost, throttled, EIO) per read;
+    what still fails is skipped, counted and logged with its shard and position."""
+    retry_backoff_seconds: float = 0.5
+    """Wait before the first retry; doubled before each next one."""
     min_cpus: float = 1.0
     """CPUs that must remain for decoding beyond the training workers' reservation; the
     preflight fails at once if the cluster cannot spare them."""
@@ -135,14 +146,20 @@ class RunConfig:
     Credentials come from the usual AWS environment variables on every node."""
     s3_region: str | None = None
     """Region of the bucket (S3 proper)."""
+    s3_credentials_file: str | None = None
+    """As `data.s3_credentials_file`, for the run bucket; null: the nodes' AWS environment."""
     keep_checkpoints: int | None = 5
     """How many of the latest checkpoints to keep (null: all)."""
-    max_failures: int = 0
-    """Worker-group restarts from the latest checkpoint after a worker dies (-1: unlimited).
-    Errors a restart would meet again (a non-finite loss) end the run at once."""
+    max_failures: int = 3
+    """Worker-group restarts from the latest checkpoint after a worker or node dies (-1:
+    unlimited). Errors a restart would meet again (a non-finite loss, a data or config error)
+    end the run at once."""
     resume_from: str | None = None
     """Start a run that has no checkpoint yet from this checkpoint (ours or an official MAE
     .pth; a path or s3:// URL). Once the run has its own checkpoints, they take precedence."""
+    lease_ttl_seconds: float = 60.0
+    """The driver renews the run directory's lease (lease.json) every quarter of this; a
+    lease older than this belongs to a driver that is gone and is taken over."""
     tensorboard: bool = False
     """Also write TensorBoard events (loss, lr, images/s, reconstructions) to <run dir>/tensorboard."""
 
@@ -158,7 +175,8 @@ class Config:
 
     def storage_root(self) -> Storage:
         """`run.storage_path` on its filesystem."""
-        return open_storage(self.run.storage_path, self.run.s3_endpoint, self.run.s3_region)
+        return open_storage(self.run.storage_path, self.run.s3_endpoint, self.run.s3_region,
+                            self.run.s3_credentials_file)
 
     def run_storage(self) -> Storage:
         """The run directory, `<run.storage_path>/<run.name>`."""
@@ -223,7 +241,24 @@ def _coerce(key: str, value, tp):
     raise TypeError(f"unsupported config type {tp} for {key}")
 
 
+CREDENTIAL_KEYS = ("access_key", "secret_key", "session_token", "aws_access_key_id", "aws_secret_access_key",
+                   "aws_session_token", "s3_access_key", "s3_secret_key", "s3_session_token", "password", "token")
+
+
+def _refuse_credential(dotted: str) -> None:
+    """A credential is never a config value: config values travel in the job's entrypoint
+    (`ray job list`, the dashboard), Ray Train's state and config.yaml."""
+    section, _, key = dotted.partition(".")
+    if key.lower() in CREDENTIAL_KEYS:
+        where = f"{section}.s3_credentials_file" if section in ("data", "run") else "s3_credentials_file"
+        raise ConfigError(f"{dotted}: credentials are not taken as config values (they would show in "
+                          f"`ray job list`, the dashboard and config.yaml); put them in an AWS credentials file "
+                          f"readable only by you (chmod 600) and set {where}=PATH, or give every node "
+                          f"AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in its environment")
+
+
 def _set(cfg: Config, dotted: str, value) -> None:
+    _refuse_credential(dotted)
     section, _, key = dotted.partition(".")
     sections = [f.name for f in dataclasses.fields(Config)]
     if section not in sections or not key:
@@ -254,7 +289,13 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
         dotted, eq, value = item.partition("=")
         if not eq:
             raise ConfigError(f"{item!r}: overrides look like section.key=value")
-        _set(cfg, dotted.strip(), yaml.safe_load(value) if value.strip() else value)
+        dotted = dotted.strip()
+        _refuse_credential(dotted)  # before its value is parsed (a YAML error would print it)
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else value
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{dotted}: cannot parse {value!r}: {str(e).splitlines()[0]}") from None
+        _set(cfg, dotted, parsed)
     validate(cfg)
     return cfg
 
@@ -287,11 +328,13 @@ def validate(cfg: Config) -> None:
     need(d.decode_concurrency is None or d.decode_concurrency >= 1, "data.decode_concurrency", "null or >= 1",
          d.decode_concurrency)
     need(d.read_files_per_task >= 1, "data.read_files_per_task", "must be >= 1", d.read_files_per_task)
+    need(d.max_pixels >= 1, "data.max_pixels", "must be >= 1", d.max_pixels)
+    need(d.max_image_bytes >= 1, "data.max_image_bytes", "must be >= 1 (bytes)", d.max_image_bytes)
+    need(d.read_retries >= 0, "data.read_retries", "must be >= 0", d.read_retries)
+    need(d.retry_backoff_seconds >= 0, "data.retry_backoff_seconds", "must be >= 0", d.retry_backoff_seconds)
     need(d.prefetch_batches >= 0, "data.prefetch_batches", "must be >= 0", d.prefetch_batches)
     need(d.object_store_memory is None or d.object_store_memory > 0, "data.object_store_memory",
          "null or > 0 (bytes)", d.object_store_memory)
-    need((d.s3_access_key is None) == (d.s3_secret_key is None), "data.s3_access_key",
-         "set data.s3_access_key and data.s3_secret_key together", "<redacted>")
     need(o.blr > 0, "optim.blr", "must be > 0", o.blr)
     need(o.lr is None or o.lr > 0, "optim.lr", "must be > 0 or null", o.lr)
     need(o.min_lr >= 0, "optim.min_lr", "must be >= 0", o.min_lr)
@@ -320,6 +363,7 @@ def validate(cfg: Config) -> None:
          "run.storage_path", "a local/NFS folder or s3://bucket/prefix", r.storage_path)
     need(r.keep_checkpoints is None or r.keep_checkpoints >= 1, "run.keep_checkpoints", "null or >= 1",
          r.keep_checkpoints)
+    need(r.lease_ttl_seconds > 0, "run.lease_ttl_seconds", "must be > 0", r.lease_ttl_seconds)
     need(r.max_failures >= -1, "run.max_failures", "-1 (unlimited) or >= 0", r.max_failures)
     if not is_uri(r.storage_path):
         r.storage_path = os.path.abspath(os.path.expanduser(r.storage_path))
@@ -327,19 +371,13 @@ def validate(cfg: Config) -> None:
         r.resume_from = os.path.abspath(os.path.expanduser(r.resume_from))
     if not is_uri(d.path):
         d.path = os.path.abspath(os.path.expanduser(d.path))
-
-
-SECRETS = (("data", "s3_access_key"), ("data", "s3_secret_key"))
-
-
-def redacted(cfg_dict: dict) -> dict:
-    """The config as a dict with the credentials blanked, for files others may read."""
-    out = {section: dict(values) for section, values in cfg_dict.items()}
-    for section, key in SECRETS:
-        if out[section].get(key) is not None:
-            out[section][key] = "<redacted>"
-    return out
+    for key, section in (("data.s3_credentials_file", d), ("run.s3_credentials_file", r)):
+        if section.s3_credentials_file:
+            try:
+                read_credentials(section.s3_credentials_file)
+            except CredentialsError as e:
+                raise ConfigError(f"{key}: {e}") from None
 
 
 def to_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(redacted(cfg.to_dict()), sort_keys=False)
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -6,10 +6,13 @@
 
 Running again with the same run.name and run.storage_path continues from the run's latest
 checkpoint; raising train.epochs extends a finished run. Before any work starts, the config,
-the data, the storage and the cluster's resources are checked, each failure one line.
+the data, the storage and the cluster's resources are checked, each failure one line, and
+the run directory's lease is taken (cluster/lease.py): while another driver of the same run
+is alive, this one stops at once, naming it.
 """
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -19,12 +22,13 @@ import ray  # noqa: E402
 import ray.train  # noqa: E402
 from ray.train.torch import TorchTrainer  # noqa: E402
 
+from cluster.lease import Lease, LeaseHeld  # noqa: E402
 from cluster.preflight import PreflightError, check_cluster  # noqa: E402
 from cluster.torch_backend import AcceleratorTorchConfig  # noqa: E402
 from pipelines.config import Config, ConfigError, DataConfig, TrainConfig, load_config, to_yaml  # noqa: E402
 from pipelines.demo_data import write_digits  # noqa: E402
 from pipelines.reading import DataError, Source, open_source  # noqa: E402
-from pipelines.run_files import read_jsonl  # noqa: E402
+from pipelines.run_files import ended_by  # noqa: E402
 from pipelines.stream import image_stream  # noqa: E402
 from pipelines.train_loop import train_loop_per_worker  # noqa: E402
 
@@ -43,7 +47,7 @@ def prepare_data(d: DataConfig) -> Source:
             and not os.path.isdir(os.path.join(d.path, "train")):
         print(f"writing the demo dataset (scikit-learn digits) to {d.path}")
         write_digits(d.path)
-    return open_source(d.format, d.path, d.s3_endpoint, d.s3_region, d.s3_access_key, d.s3_secret_key)
+    return open_source(d.format, d.path, d.s3_endpoint, d.s3_region, d.s3_credentials_file)
 
 
 def iters_per_epoch(train: TrainConfig, num_workers: int, num_images: int) -> int:
@@ -90,7 +94,6 @@ def main(argv=None) -> int:
         cfg = parse_args(argv)
         source = prepare_data(cfg.data)
         iters_per_epoch(cfg.train, cfg.scaling.num_workers, len(source))
-        check_storage(cfg)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -99,31 +102,53 @@ def main(argv=None) -> int:
           f"{'files' if source.format == 'imagefolder' else 'shards'} from {cfg.data.path}")
     ray.init(ignore_reinit_error=True)
     ray.data.DataContext.get_current().enable_progress_bars = False  # the train loop logs progress
+    try:
+        lease = Lease.acquire(cfg.run_storage(), ttl=cfg.run.lease_ttl_seconds)
+    except LeaseHeld as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: run.storage_path: cannot write the run directory {cfg.run_storage().uri}: {e}",
+              file=sys.stderr)
+        return 2
+    # `ray job stop` sends SIGTERM: exit through the `with`, which gives the lease back, so that
+    # the run can be submitted again at once (a driver killed outright leaves it to expire)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    with lease:  # renewed until the run ends
+        return run(cfg, source, lease)
+
+
+def run(cfg: Config, source: Source, lease: Lease) -> int:
+    """Check the storage and the cluster, then train; the exit status."""
     row, s = cfg.accelerator, cfg.scaling
     try:
+        check_storage(cfg)
         check_cluster(row, s.num_workers, row.worker_resources(s.cpus_per_worker), cfg.data.min_cpus)
-    except PreflightError as e:
+    except (ConfigError, PreflightError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     stream = image_stream(source, cfg.data, cfg.model.input_size, cfg.train.seed,
                           reserved_cpus=s.num_workers * s.cpus_per_worker)
+    run_dir = cfg.run_storage()
     try:
         result = build_trainer(cfg, stream, len(source), source.held_out(8)).fit()
     except ray.train.TrainingFailedError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {ended_by(run_dir, ray.get_runtime_context().get_job_id()) or e}", file=sys.stderr)
         return 1
-    run_dir = cfg.run_storage()
-    last_start = (read_jsonl(run_dir, "attempts.jsonl") or [{}])[-1]
-    if "error" in last_start:  # an error a restart would meet again: the run ended once, not retried
-        print(f"error: {last_start['error']}", file=sys.stderr)
+    if lease.lost:
+        print(f"warning: this run's lease was lost while it trained ({lease.lost}): another driver may have "
+              "written the run directory too", file=sys.stderr)
+    error = ended_by(run_dir, ray.get_runtime_context().get_job_id())
+    if error is not None:  # an error a restart would meet again: the run ended once, not retried
+        print(f"error: {error}", file=sys.stderr)
         return 1
-    run = run_dir.uri
-    print(f"run directory: {run}")
+    uri = run_dir.uri
+    print(f"run directory: {uri}")
     print(f"  latest checkpoint: {result.checkpoint.path if result.checkpoint else None}")
-    print(f"  config:            {run}/config.yaml")
-    print(f"  metrics:           {run}/metrics.jsonl (per epoch), {run}/steps.jsonl (per step)")
-    print(f"  loss curve:        {run}/loss_curve.png")
-    print(f"  reconstructions:   {run}/reconstructions/")
+    print(f"  config:            {uri}/config.yaml")
+    print(f"  metrics:           {uri}/metrics.jsonl (per epoch), {uri}/steps.jsonl (per step)")
+    print(f"  loss curve:        {uri}/loss_curve.png")
+    print(f"  reconstructions:   {uri}/reconstructions/")
     if result.metrics:
         print(f"  final epoch {result.metrics['epoch']}: train_loss {result.metrics['train_loss']:.4f}")
     return 0

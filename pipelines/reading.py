@@ -7,13 +7,21 @@ through Ray Data is `pipelines/stream.py`.
 size (and with it the lr schedule) is right from step 0: from the listing (imagefolder),
 from the `manifest.json` that `prepare_shards.py` writes, or else from the shards
 themselves (Parquet footers; tar headers).
+
+Reading survives damaged data and flaky storage: a transient storage error is retried with
+backoff (`Retry`); what still cannot be read (a file, a tar member, a Parquet row group, a
+shard that ends before the count it promised, a whole shard) is logged with where it was
+and yields one lost sample (`data=None`) per image it held, which the stream counts as
+skipped. Only the readers' own arguments can make them raise.
 """
 import fnmatch
 import itertools
 import json
 import logging
+import errno
 import re
 import tarfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -21,6 +29,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from cluster.storage import Storage, open_storage
+from pipelines.errors import FatalError
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +39,57 @@ WDS_IMAGE_KEYS = ("jpg", "jpeg", "png")
 MANIFEST, CLASSES = "manifest.json", "classes.json"
 
 
-class DataError(ValueError):
-    """The data path does not hold what the config says it holds."""
+class DataError(FatalError, ValueError):
+    """The data path does not hold what the config says it holds: found before training
+    starts, or by the stream (then it ends the run: a restart would meet it again)."""
+
+
+# --------------------------------------------------------------------------------------
+# Retrying storage
+# --------------------------------------------------------------------------------------
+
+PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED,
+                    errno.ECONNABORTED, errno.EPIPE, errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN,
+                    errno.ESTALE}
+PERMANENT_AWS = ("ACCESS_DENIED", "NO_SUCH", "INVALID", "SIGNATURE", "MISSING", "UNRECOGNIZED_CLIENT")
+
+
+def transient(e: BaseException) -> bool:
+    """A storage error that may pass: a lost connection or a timeout, an errno such as EIO or
+    ESTALE, an S3 request error other than a refused or missing key. Not: a missing file, a
+    refused permission, or bytes that do not parse (tarfile.ReadError, pyarrow's ArrowInvalid
+    and its OSErrors without an errno, such as "Couldn't deserialize thrift"): reading them
+    again gives the same bytes."""
+    if not isinstance(e, OSError) or isinstance(e, PERMANENT):
+        return False
+    if isinstance(e, (ConnectionError, TimeoutError)) or e.errno in TRANSIENT_ERRNOS:
+        return True
+    message = str(e)
+    return "AWS Error" in message and not any(code in message for code in PERMANENT_AWS)
+
+
+def one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Retries of a transient storage error: up to `attempts` more tries, waiting `backoff`
+    seconds before the first and twice as long before each next one."""
+    attempts: int = 3
+    backoff: float = 0.5
+
+    def call(self, fn, what: str):
+        for k in range(self.attempts + 1):
+            try:
+                return fn()
+            except Exception as e:
+                if not transient(e) or k == self.attempts:
+                    raise
+                wait = self.backoff * 2 ** k
+                logger.warning("%s: %s; retry %d of %d in %.1f s", what, one_line(e), k + 1, self.attempts, wait)
+                time.sleep(wait)
 
 
 # --------------------------------------------------------------------------------------
@@ -176,30 +234,40 @@ class Source:
         return self.num_images
 
     def held_out(self, n: int, window: int = 256) -> list[bytes]:
-        """Encoded bytes of `n` fixed images for figures: from `val/` of an imagefolder
-        when it has one, else evenly spaced over the training images (for shards: over
-        the first `window` images of the first shard, so that a 512 MB shard is not read
-        on the driver before training starts)."""
+        """Encoded bytes of `n` fixed decodable images for figures: from `val/` of an
+        imagefolder when it has one, else evenly spaced over the training images (for
+        shards: over the first `window` images of the first shard, so that a 512 MB shard is
+        not read on the driver before training starts)."""
+        from mae.transforms import eval_view
         if self.format == "imagefolder":
             try:
                 paths = list_imagefolder(self.fs, self.root, "val").paths
             except DataError:
                 paths = list(self.files)
-            return [read_file(self.fs, p) for p in evenly_spaced(paths, n)]
-        if self.format == "parquet":
-            import pyarrow.parquet as pq
-            with self.fs.open_input_file(self.files[0]) as f:
-                first = next(pq.ParquetFile(f).iter_batches(batch_size=window, columns=["image"]), None)
-            blobs = first.column("image").field("bytes").to_pylist() if first is not None else []
+            candidates = (read_file(self.fs, p) for p in evenly_spaced(paths, min(len(paths), 4 * n)))
         else:
-            blobs = [data for data, _, _ in itertools.islice(tar_samples(self.fs, self.files[0]), window)]
-        return evenly_spaced([b for b in blobs if b], n)
+            if self.format == "parquet":
+                import pyarrow.parquet as pq
+                with self.fs.open_input_file(self.files[0]) as f:
+                    first = next(pq.ParquetFile(f).iter_batches(batch_size=window, columns=["image"]), None)
+                blobs = first.column("image").field("bytes").to_pylist() if first is not None else []
+            else:
+                blobs = [data for data, _, _ in itertools.islice(tar_samples(self.fs, self.files[0]), window)]
+            candidates = iter(evenly_spaced([b for b in blobs if b], 4 * n))
+
+        def decodes(data: bytes) -> bool:
+            try:
+                eval_view(data, 32)
+                return True
+            except ValueError:
+                return False
+        return evenly_spaced(list(filter(decodes, candidates)), n)
 
 
 def open_source(fmt: str, uri: str, endpoint: str | None = None, region: str | None = None,
-                access_key: str | None = None, secret_key: str | None = None) -> Source:
+                credentials_file: str | None = None) -> Source:
     """List and count the training images of `uri` in layout `fmt` (see the module doc)."""
-    store = open_storage(uri, endpoint, region, access_key, secret_key)
+    store = open_storage(uri, endpoint, region, credentials_file)
     fs, path = store.fs, store.root
     if fmt == "imagefolder":
         folder = list_imagefolder(fs, path)
@@ -224,24 +292,29 @@ def open_source(fmt: str, uri: str, endpoint: str | None = None, region: str | N
 
 
 # --------------------------------------------------------------------------------------
-# Reading samples: (encoded image bytes, label, name for messages)
+# Reading samples: (encoded image bytes, label, name for messages); bytes None: lost
 # --------------------------------------------------------------------------------------
 
 
-def read_file(fs: pafs.FileSystem, path: str) -> bytes:
-    with fs.open_input_stream(path) as f:
+def read_file(fs: pafs.FileSystem, path: str, max_bytes: int | None = None) -> bytes:
+    """The bytes of `path`; with `max_bytes`, a larger file is refused (ValueError) before it
+    is read."""
+    with fs.open_input_file(path) as f:
+        if max_bytes is not None and f.size() > max_bytes:
+            raise ValueError(f"file is {f.size()} bytes, over data.max_image_bytes={max_bytes}")
         return f.read()
 
 
-def imagefolder_samples(fs: pafs.FileSystem, paths: list[str], labels: list[int]):
-    """The files `paths` with their labels; a file that cannot be read gives empty bytes
-    (counted as undecodable), not an error."""
+def imagefolder_samples(fs: pafs.FileSystem, paths: list[str], labels: list[int], retry: Retry = Retry(),
+                        max_bytes: int | None = None):
+    """The files `paths` with their labels; a file that cannot be read (after retries) or is
+    over `max_bytes` is lost, not an error."""
     for path, label in zip(paths, labels):
         try:
-            data = read_file(fs, path)
-        except OSError as e:
+            data = retry.call(lambda: read_file(fs, path, max_bytes), f"reading {path}")
+        except (OSError, ValueError) as e:
             logger.warning("skipping %s: cannot read it: %s", path, e)
-            data = b""
+            data = None
         yield data, label, path
 
 
@@ -250,46 +323,129 @@ def parquet_parts(rows: int, rows_per_part: int) -> int:
     return max(1, rows // rows_per_part)
 
 
-def parquet_samples(fs: pafs.FileSystem, shard: str, batch_size: int, part: int = 0, parts: int = 1):
-    """Samples of the `part`-th of `parts` contiguous runs of the shard's row groups."""
+def part_rows(rows: int, part: int, parts: int) -> int:
+    """Rows promised to the `part`-th of `parts` runs of a shard of `rows` rows (the runs
+    split the row groups; these split the rows the same way, summing to `rows`)."""
+    return (part + 1) * rows // parts - part * rows // parts
+
+
+def lost(n: int, where: str, why, label: int = -1):
+    """`n` lost samples of `where`, logged once."""
+    if n > 0:
+        logger.warning("skipping %d images of %s: %s", n, where, " ".join(str(why).split()))
+    for _ in range(max(n, 0)):
+        yield None, label, where
+
+
+def parquet_samples(fs: pafs.FileSystem, shard: str, batch_size: int, part: int = 0, parts: int = 1,
+                    expected: int | None = None, retry: Retry = Retry()):
+    """Samples of the `part`-th of `parts` contiguous runs of the shard's row groups. A row
+    group that does not parse is lost (its rows, from the footer); a shard whose footer does
+    not parse is lost whole (`expected` rows, the count it was listed with)."""
     import pyarrow.parquet as pq
-    with fs.open_input_file(shard) as f:
-        pf = pq.ParquetFile(f)
-        n = pf.num_row_groups
-        groups = list(range(part * n // parts, (part + 1) * n // parts))
-        if not groups:
-            return
-        for batch in pf.iter_batches(batch_size=batch_size, row_groups=groups, columns=["image", "label"]):
-            image = batch.column("image")
-            blobs = image.field("bytes").to_pylist()
-            names = (image.field("path").to_pylist() if image.type.get_field_index("path") >= 0
-                     else [None] * len(blobs))
-            for j, (data, label) in enumerate(zip(blobs, batch.column("label").to_pylist())):
-                yield data, label, f"{shard}:{names[j] or j}"
 
-
-def tar_samples(fs: pafs.FileSystem, shard: str):
-    """Samples of a WebDataset tar: consecutive members grouped by `wds_member` key."""
-    key, sample = None, {}
-
-    def emit():
-        data = next((sample[k] for k in WDS_IMAGE_KEYS if k in sample), b"")
+    def open_file():
+        f = fs.open_input_file(shard)
         try:
-            label = int(sample.get("cls", b"-1"))
-        except ValueError:
-            label = -1
-        return data, label, f"{shard}:{key}"
+            return f, pq.ParquetFile(f)
+        except BaseException:
+            f.close()
+            raise
 
-    with fs.open_input_stream(shard) as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        for member in tar:
-            if not member.isfile():
+    try:
+        f, pf = retry.call(open_file, f"opening {shard}")
+    except (OSError, pa.ArrowException, ValueError) as e:
+        yield from lost(expected or 0, shard, f"cannot open it: {e}")
+        return
+    try:
+        n = pf.num_row_groups
+        for g in range(part * n // parts, (part + 1) * n // parts):
+            rows = pf.metadata.row_group(g).num_rows
+            where = f"{shard} row group {g}"
+
+            def read_group():
+                nonlocal f, pf
+                try:
+                    return pf.read_row_group(g, columns=["image", "label"])
+                except OSError as e:
+                    if transient(e):  # the next try reads through a new connection
+                        f.close()
+                        f, pf = open_file()
+                    raise
+
+            try:
+                table = retry.call(read_group, f"reading {where}")
+            except (OSError, pa.ArrowException, ValueError, KeyError) as e:
+                yield from lost(rows, where, f"cannot read it: {e}")
                 continue
-            k, ext = wds_member(member.name)
-            if k != key and key is not None:
-                yield emit()
-                sample = {}
-            key = k
-            if ext in (*WDS_IMAGE_KEYS, "cls"):
-                sample[ext] = tar.extractfile(member).read()
-    if key is not None:
-        yield emit()
+            for batch in table.to_batches(max_chunksize=batch_size):
+                image = batch.column("image")
+                blobs = image.field("bytes").to_pylist()
+                names = (image.field("path").to_pylist() if image.type.get_field_index("path") >= 0
+                         else [None] * len(blobs))
+                for j, (data, label) in enumerate(zip(blobs, batch.column("label").to_pylist())):
+                    yield data if data is not None else b"", label, f"{shard}:{names[j] or j}"
+    finally:
+        f.close()
+
+
+def tar_samples(fs: pafs.FileSystem, shard: str, expected: int | None = None, retry: Retry = Retry(),
+                max_bytes: int | None = None):
+    """Samples of a WebDataset tar: consecutive members grouped by `wds_member` key. A
+    transient storage error mid-shard reopens it (after a backoff) and skips the samples
+    already given; a shard that is damaged or ends early ends there, its samples short of
+    `expected` (its listed count) lost; an image member over `max_bytes` is lost unread."""
+    given = 0
+
+    def samples(skip: int):
+        key, sample = None, {}
+
+        def emit():
+            data = next((sample[k] for k in WDS_IMAGE_KEYS if k in sample), b"")
+            try:
+                label = int(sample.get("cls", b"-1"))
+            except ValueError:
+                label = -1
+            return data, label, f"{shard}:{key}"
+
+        with fs.open_input_stream(shard) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                k, ext = wds_member(member.name)
+                if k != key and key is not None:
+                    if skip > 0:
+                        skip -= 1
+                    else:
+                        yield emit()
+                    sample = {}
+                key = k
+                if ext in WDS_IMAGE_KEYS and max_bytes is not None and member.size > max_bytes:
+                    logger.warning("skipping %s:%s: %d bytes, over data.max_image_bytes=%d", shard, member.name,
+                                   member.size, max_bytes)
+                    sample[ext] = None
+                elif ext in (*WDS_IMAGE_KEYS, "cls") and skip == 0:
+                    sample[ext] = tar.extractfile(member).read()
+        if key is not None and skip == 0:
+            yield emit()
+
+    for k in range(retry.attempts + 1):
+        try:
+            for sample in samples(given):
+                given += 1
+                yield sample
+            break
+        except Exception as e:
+            if transient(e) and k < retry.attempts:
+                wait = retry.backoff * 2 ** k
+                logger.warning("reading %s after %d samples: %s; retry %d of %d in %.1f s", shard, given,
+                               one_line(e), k + 1, retry.attempts, wait)
+                time.sleep(wait)
+                continue
+            if not isinstance(e, (OSError, tarfile.TarError, EOFError, ValueError)):
+                raise
+            yield from lost((expected or given) - given, shard, f"unreadable after {given} samples: {e}")
+            return
+    if expected is not None and given < expected:
+        yield from lost(expected - given, shard, f"ends after {given} of the {expected} samples it was counted with")
+

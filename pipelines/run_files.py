@@ -26,13 +26,23 @@ def write_jsonl(storage: Storage, name: str, records: list[dict]) -> None:
     storage.write(name, "".join(json.dumps(r) + "\n" for r in records))
 
 
-def end_attempt(storage: Storage, error: str) -> None:
-    """Record that the latest start of the worker group ended on `error`, one that a restart
-    would meet again (the driver reports it and exits 1)."""
+def end_attempt(storage: Storage, error: str, job_id: str) -> None:
+    """Record that the latest start of the worker group (of Ray job `job_id`) ended on
+    `error`, one that a restart would meet again (the driver reports it and exits 1). A start
+    that failed before it was recorded gets a line of its own."""
     attempts = read_jsonl(storage, "attempts.jsonl")
-    if attempts:
-        attempts[-1]["error"] = error
-        write_jsonl(storage, "attempts.jsonl", attempts)
+    if not attempts or attempts[-1].get("job_id") != job_id:
+        attempts.append({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "job_id": job_id})
+    attempts[-1]["error"] = error
+    write_jsonl(storage, "attempts.jsonl", attempts)
+
+
+def ended_by(storage: Storage, job_id: str) -> str | None:
+    """The error that ended Ray job `job_id`'s run of this directory, if one did (a restart
+    after it stops at once: see train_loop.train_loop_per_worker)."""
+    attempts = read_jsonl(storage, "attempts.jsonl")
+    last = attempts[-1] if attempts else {}
+    return last.get("error") if last.get("job_id") == job_id else None
 
 
 class RunLog:

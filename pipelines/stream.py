@@ -6,19 +6,25 @@ a shard, or a run of a Parquet shard's row groups) and decodes + RandomResizedCr
 `decode_batch_size` images at a time into one block, in one Ray Data operator. Every
 execution of the dataset (every epoch) reads the units in a new order and draws new crops.
 
-Files that do not decode are logged with their path and replaced in their batch by a
-fresh crop of another image of the same batch, flagged in the row's `skipped` column;
-training counts them (`skipped_images` in metrics.jsonl) and batch sizes stay whole.
+An image that cannot be used (undecodable, over the pixel or byte limits, unreadable, lost
+with a damaged shard) is logged and replaced, in its place in the batch, by a fresh crop of
+another image of the batch, flagged in the row's `skipped` column, so batch sizes and the
+epoch's length stay whole. Each read task adds its count to the job's skip counter
+(pipelines/skips.py), which training reads as `skipped_images` in metrics.jsonl. Anything
+else that fails in a read task is a DataError naming its unit: it ends the run once.
 """
 import logging
 
 import numpy as np
+import ray
 import ray.data
 
 from cluster import ray_compat
-from mae.transforms import REGION_DECODE, decode_crop_batch
+from mae.transforms import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, REGION_DECODE, decode_crop_batch
 from pipelines.config import DataConfig
-from pipelines.reading import Source, imagefolder_samples, parquet_parts, parquet_samples, tar_samples
+from pipelines.reading import (DataError, Retry, Source, imagefolder_samples, parquet_parts, parquet_samples, part_rows,
+                               tar_samples)
+from pipelines.skips import skip_counter
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +48,7 @@ def image_stream(source: Source, data: DataConfig, input_size: int, seed: int, r
     if augment and not REGION_DECODE:
         logger.warning("mae_jpeg_region is not built (setup.py: needs a C compiler and libjpeg's headers, "
                        "Debian's libjpeg62-turbo-dev): JPEGs are decoded whole, which is slower")
-    datasource = ImageDatasource(source, data, input_size, seed, augment)
+    datasource = ImageDatasource(source, data, input_size, seed, augment, skip_counter())
     ds = ray.data.read_datasource(datasource, num_cpus=data.decode_cpus, concurrency=concurrency,
                                   override_num_blocks=datasource.num_tasks())  # blocks of batch_size, unsplit
     block_bytes = data.decode_batch_size * input_size * input_size * 3
@@ -58,27 +64,39 @@ def image_stream(source: Source, data: DataConfig, input_size: int, seed: int, r
     return ds
 
 
-def decode_batch(blobs: list, labels: list, names: list, size: int, augment: bool = True) -> dict:
+def decode_batch(blobs: list, labels: list, names: list, size: int, augment: bool = True,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES) -> dict:
     """Decode + crop (+ flip) a batch of encoded images into a block's columns. Each call
-    draws fresh crops from OS entropy, so every epoch sees new crops. Undecodable images
-    are logged and replaced by a fresh crop of a decodable one of the batch, flagged in
-    `skipped`; if none of the batch decodes, the batch is dropped."""
+    draws fresh crops from OS entropy, so every epoch sees new crops. An image that does not
+    decode (or is None: lost by the reader, which logged it) is replaced in its place by a
+    fresh crop of a decodable one of the batch, flagged in `skipped`; if none of the batch
+    decodes, the batch is dropped (no rows)."""
     rng = np.random.default_rng()
-    images, ok, errors = decode_crop_batch([b if isinstance(b, bytes) else b"" for b in blobs], size, rng,
-                                           augment=augment)
+    lost = [i for i, b in enumerate(blobs) if b is None]
+    images, ok, errors = decode_crop_batch([b"" if b is None else b for b in blobs], size, rng, augment=augment,
+                                           max_pixels=max_pixels, max_bytes=max_bytes)
     for i, msg in errors.items():
-        logger.warning("skipping %s: %s", names[i], msg)
+        if blobs[i] is not None:
+            logger.warning("skipping %s: %s", names[i], msg)
     labels = np.asarray(labels, dtype=np.int64)
-    skipped = np.zeros(len(ok), dtype=np.int8)
-    if errors and ok:
-        stand_ins = rng.choice(ok, size=len(errors))
-        extra, _, _ = decode_crop_batch([blobs[i] for i in stand_ins], size, rng, augment=augment)
-        images = np.concatenate([images, extra])
-        labels = np.concatenate([labels[ok], labels[stand_ins]])
-        skipped = np.concatenate([skipped, np.ones(len(errors), dtype=np.int8)])
-    else:
-        labels = labels[ok]
-    return {"image": images, "label": labels, "skipped": skipped}
+    skipped = np.zeros(len(blobs), dtype=np.int8)
+    if not errors:
+        return {"image": images, "label": labels, "skipped": skipped}
+    bad = sorted({*errors, *lost})
+    keep = np.zeros(len(blobs), dtype=bool)
+    keep[ok] = True
+    out = np.empty((len(blobs), size, size, 3), dtype=np.uint8)
+    out[ok] = images
+    if ok:
+        stand_ins = rng.choice(ok, size=len(bad))
+        extra, extra_ok, _ = decode_crop_batch([blobs[i] for i in stand_ins], size, rng, augment=augment,
+                                               max_pixels=max_pixels, max_bytes=max_bytes)
+        filled = [bad[k] for k in extra_ok]
+        out[filled] = extra
+        labels[filled] = labels[stand_ins[extra_ok]]
+        skipped[filled] = 1
+        keep[filled] = True
+    return {"image": out[keep], "label": labels[keep], "skipped": skipped[keep]}
 
 
 class DecodeAhead(ray_compat.BackpressurePolicy):
@@ -115,10 +133,12 @@ class DecodeAhead(ray_compat.BackpressurePolicy):
 class ImageDatasource(ray.data.Datasource):
     """A source's images, read and decoded in the same Ray task (see `image_stream`)."""
 
-    def __init__(self, source: Source, data: DataConfig, size: int, seed: int, augment: bool):
-        self.source, self.size, self.seed, self.augment = source, size, seed, augment
+    def __init__(self, source: Source, data: DataConfig, size: int, seed: int, augment: bool, counter):
+        self.source, self.size, self.seed, self.augment, self.counter = source, size, seed, augment, counter
         self.batch_size, self.files_per_task = data.decode_batch_size, data.read_files_per_task
         self.cpus = data.decode_cpus
+        self.max_pixels, self.max_bytes = data.max_pixels, data.max_image_bytes
+        self.retry = Retry(data.read_retries, data.retry_backoff_seconds)
 
     def estimate_inmemory_data_size(self) -> int:
         return self.source.num_images * self.size * self.size * 3
@@ -146,7 +166,8 @@ class ImageDatasource(ray.data.Datasource):
             return [(u, len(u)) for u in units]
         if src.format == "parquet":
             parts = [parquet_parts(n, per_task) for n in src.counts]
-            pieces = [((shard, k, p), n // p) for shard, n, p in zip(src.files, src.counts, parts) for k in range(p)]
+            pieces = [((shard, k, p), part_rows(n, k, p)) for shard, n, p in zip(src.files, src.counts, parts)
+                      for k in range(p)]
             return [pieces[i] for i in rng.permutation(len(pieces))]
         return [(src.files[i], src.counts[i]) for i in rng.permutation(len(src.files))]
 
@@ -156,35 +177,49 @@ class ImageDatasource(ray.data.Datasource):
 
         rng = np.random.default_rng([self.seed, ray_compat.execution_index(data_context)])  # a new order every epoch
         fs, fmt, size, augment, batch = self.source.fs, self.source.format, self.size, self.augment, self.batch_size
-        threads = max(1, int(self.cpus))
+        threads, counter, retry = max(1, int(self.cpus)), self.counter, self.retry
+        max_pixels, max_bytes = self.max_pixels, self.max_bytes
 
-        def read(unit):
+        def samples_of(unit, n: int):
+            if fmt == "imagefolder":
+                return imagefolder_samples(fs, *map(list, zip(*unit)), retry=retry, max_bytes=max_bytes)
+            if fmt == "parquet":
+                return parquet_samples(fs, unit[0], batch, unit[1], unit[2], expected=n, retry=retry)
+            return tar_samples(fs, unit, expected=n, retry=retry, max_bytes=max_bytes)
+
+        def read(unit, n: int):
             import torch
             torch.set_num_threads(threads)  # one decoder per CPU it holds; no oversubscription
-            if fmt == "imagefolder":
-                samples = imagefolder_samples(fs, *map(list, zip(*unit)))
-            elif fmt == "parquet":
-                samples = parquet_samples(fs, unit[0], batch, unit[1], unit[2])
-            else:
-                samples = tar_samples(fs, unit)
+            skipped = 0
 
-            def block(chunk):
-                return BlockAccessor.batch_to_block(decode_batch(*map(list, zip(*chunk)), size, augment))
+            def block(chunk):  # None when no image of the chunk decodes
+                nonlocal skipped
+                columns = decode_batch(*map(list, zip(*chunk)), size, augment, max_pixels, max_bytes)
+                skipped += len(chunk) - int((columns["skipped"] == 0).sum())
+                return BlockAccessor.batch_to_block(columns) if len(columns["label"]) else None
 
-            pending = []  # a tail shorter than half a batch joins the task's last block, not a block of its own
-            for sample in samples:
-                pending.append(sample)
-                if len(pending) == batch + batch // 2:
-                    yield block(pending[:batch])
-                    pending = pending[batch:]
-            if pending:
-                yield block(pending)
+            try:
+                pending = []  # a tail shorter than half a batch joins the task's last block, not a block of its own
+                for sample in samples_of(unit, n):
+                    pending.append(sample)
+                    if len(pending) == batch + batch // 2:
+                        if (full := block(pending[:batch])) is not None:
+                            yield full
+                        pending = pending[batch:]
+                last = block(pending) if pending else None
+            except Exception as e:
+                raise DataError(f"reading {files(unit)[0]}{' and more' if len(files(unit)) > 1 else ''}: "
+                                f"{type(e).__name__}: {e}") from e
+            if skipped:  # counted before the last block leaves: see pipelines/skips.py
+                ray.get(counter.add.remote(skipped))
+            if last is not None:
+                yield last
 
         def files(unit) -> tuple[str, ...]:
             return tuple(path for path, _ in unit) if fmt == "imagefolder" else (unit[0],) if fmt == "parquet" \
                 else (unit,)
 
-        return [ReadTask(lambda unit=unit: read(unit),
+        return [ReadTask(lambda unit=unit, n=n: read(unit, n),
                          BlockMetadata(num_rows=n, size_bytes=n * size * size * 3, exec_stats=None,
                                        input_files=files(unit)),
                          per_task_row_limit=per_task_row_limit)

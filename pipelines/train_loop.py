@@ -24,23 +24,21 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from cluster.accelerators import Accelerator, prepare_device
+from cluster.storage import Storage
 from mae.checkpoint import CHECKPOINT_FILE, checkpoint_dir_name, save_checkpoint
 from mae.model import preset
 from mae.recipe import fractional_epoch, lr_at, scaled_lr, set_lr
 from mae.transforms import eval_crops, normalize_on_device
 from mae.visualize import grid_png, reconstruct
 from pipelines.config import ModelConfig, OptimConfig, TrainConfig, from_dict
-from pipelines.run_files import RunLog, end_attempt
+from pipelines.errors import FatalError
+from pipelines.run_files import RunLog, end_attempt, ended_by
+from pipelines.skips import skip_counter
 from pipelines.train_state import State, build_state, checkpoint_dict, restore, run_record, starting_checkpoint
 
 logger = logging.getLogger("mae.train")
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class FatalError(RuntimeError):
-    """What a restart from the last checkpoint would meet again: the run ends at once, with
-    this message, however many restarts `run.max_failures` allows."""
 
 
 class NonFiniteLossError(FatalError):
@@ -109,7 +107,7 @@ class EpochLog:
     lrs: list[float] = field(default_factory=list)
     epochs: list[float] = field(default_factory=list)
     synced: list[float] = field(default_factory=list)
-    skipped: int = 0  # undecodable images met this epoch, over all workers (set at the epoch's end)
+    skipped: int = 0  # images the stream skipped this epoch (rank 0, set at the epoch's end)
     written: int = 0  # records already written to steps.jsonl (by a mid-epoch checkpoint)
     last_log: tuple[int, float] = field(default_factory=lambda: (0, time.perf_counter()))  # (records, time)
 
@@ -133,20 +131,40 @@ class Loop:
     progress: "Progress"
 
 
+# Errors that a restart meets again: the run's own code or data, not the cluster. Everything
+# else (a dead peer's collective error, a lost object, a storage OSError) is Ray Train's to retry.
+DETERMINISTIC = (FatalError, ValueError, TypeError, KeyError, IndexError, AttributeError, ImportError,
+                 NotImplementedError, AssertionError, ArithmeticError)
+
+
 def train_loop_per_worker(config: dict) -> None:
-    """Train. A FatalError ends this worker normally, its message recorded as the `error` of
-    this start in attempts.jsonl (by rank 0), so that Ray Train does not restart the worker
-    group only to meet it again: its failure policy retries every worker error up to
-    `max_failures`. Every rank meets a FatalError at the same point (the losses are
-    all-reduced; the device checks are the same on every worker)."""
+    """Train, ending the run once on an error a restart would meet again: Ray Train's failure
+    policy retries every worker error up to `run.max_failures` (-1: forever).
+
+    A FatalError (a non-finite loss, bf16 unsupported, a data error from the stream) is met
+    by every rank at the same point: they all return normally, rank 0 having recorded its
+    message as this start's `error` in attempts.jsonl. Another deterministic error (a
+    ValueError, a KeyError...) may hit one rank only: that rank records it and raises, and
+    the restart that Ray Train may make finds it recorded for this Ray job and returns at
+    once. The driver prints the recorded error and exits 1."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    job_id = ray.get_runtime_context().get_job_id()
+    error = ended_by(config["storage"], job_id)
+    if error is not None:
+        logger.error("not training: this run ended on an error a restart would meet again: %s", error)
+        return
     try:
         train(config)
-    except FatalError as e:
+    except DETERMINISTIC as e:
         rank = ray.train.get_context().get_world_rank()
-        logger.error("rank %d: %s", rank, e)
-        if rank == 0:
-            end_attempt(config["storage"], str(e))
+        message = str(e) if isinstance(e, FatalError) else f"{type(e).__name__}: {e}"
+        logger.error("rank %d: %s", rank, message)
+        if isinstance(e, FatalError):
+            if rank == 0:
+                end_attempt(config["storage"], message, job_id)
+            return
+        end_attempt(config["storage"], message, job_id)
+        raise
 
 
 def train(config: dict) -> None:
@@ -162,17 +180,21 @@ def train(config: dict) -> None:
     model = wrap_model(state.model, cfg.train.compile and row.compiles, worker.world)
     step = StepConfig(worker.device, cfg.model.mask_ratio, cfg.train.accum_iter, AMP_DTYPES[cfg.train.precision])
     placements = gather_objects(placement, worker.world)
-    reporter = Reporter(worker, run_record(cfg))
+    reporter = Reporter(worker, run_record(cfg), config["storage"])
     if worker.is_chief:
         reporter.start(RunLog(config["storage"], state.epoch, state.step, cfg.run.tensorboard),
                        Figures(config["held_out"], cfg.model, cfg.train.seed, worker.device))
-        reporter.run_log.record_attempt({"epoch": state.epoch, "iteration": state.iteration, "step": state.step,
+        reporter.run_log.record_attempt({"job_id": ray.get_runtime_context().get_job_id(),
+                                         "epoch": state.epoch, "iteration": state.iteration, "step": state.step,
                                          "source": source, "workers": placements})
         logger.info("training %s from epoch %d, micro-batch %d (step %d; %s) to epoch %d: %d workers x batch %d x "
                     "accum %d = %d images per step, lr %.3g, %d steps per epoch", cfg.model.name, state.epoch,
                     state.iteration, state.step, source, sched.epochs, worker.world, cfg.train.batch_size,
                     sched.accum_iter, sched.images_per_step, sched.peak_lr, sched.steps_per_epoch)
     loop = Loop(worker, sched, step, model, reporter, Progress(sched, time.perf_counter(), state.step))
+    counter = skip_counter()
+    if worker.is_chief:
+        ray.get(counter.take.remote())  # what an interrupted attempt's stream counted is not this epoch's
     shard = ray.train.get_dataset_shard("train")
     for epoch in range(state.epoch, sched.epochs):
         torch.manual_seed(hash((cfg.train.seed, worker.rank, epoch, state.iteration)) % 2**63)  # masking noise
@@ -183,6 +205,12 @@ def train(config: dict) -> None:
         t0 = time.perf_counter()
         log = train_one_epoch(loop, state, batches, epoch)
         seconds = time.perf_counter() - t0
+        if worker.is_chief:  # every read task of the epoch has ended: see pipelines/skips.py
+            log.skipped = ray.get(counter.take.remote())
+        if not log.synced and state.iteration < sched.steps_per_epoch * sched.accum_iter:
+            raise FatalError(f"epoch {epoch}: the stream gave too few images for one step of "
+                             f"{sched.images_per_step}; {log.skipped if worker.is_chief else 'some'} images were "
+                             "skipped (their warnings above say why)")
         state.epoch, state.iteration = epoch + 1, 0
         metrics = {"epoch": epoch, "train_loss": sum(log.synced) / max(len(log.synced), 1),
                    "train_lr": log.lrs[-1] if log.lrs else 0.0, "steps": len(log.synced),
@@ -268,12 +296,10 @@ def train_one_epoch(loop: Loop, state: State, batches, epoch: int) -> EpochLog:
                    first=start // accum)
     loop.model.train()
     state.optimizer.zero_grad(set_to_none=True)
-    skipped = torch.zeros((), dtype=torch.int64)
     inputs = None  # on the CPU, the float batch is reused from step to step
     for i, batch in enumerate(batches, start=start):
-        skipped += batch["skipped"].sum()
         if i >= used_iters:
-            break
+            continue  # the stream runs to its end, so that its skip count is complete
         j = i // accum - log.first
         if i % accum == 0:
             lr = sched.lr(epoch, i)
@@ -301,10 +327,6 @@ def train_one_epoch(loop: Loop, state: State, batches, epoch: int) -> EpochLog:
             loop.reporter.mid_epoch(state, {"epoch": epoch, "step": state.step, "mid_epoch": True,
                                             "train_loss": sum(log.synced) / len(log.synced)}, log)
     sync_losses(log, len(log.lrs), state.step, worker.world)
-    if worker.world > 1:
-        skipped = skipped.to(worker.device)  # the collective runs on the process group's device
-        dist.all_reduce(skipped)
-    log.skipped = int(skipped)
     return log
 
 
@@ -365,8 +387,8 @@ class Reporter:
     figures), then checkpoint.pth; every rank reports to Ray Train, which uploads the
     checkpoint to the run directory. `record`: what every checkpoint records of the config."""
 
-    def __init__(self, worker: Worker, record: dict):
-        self.worker, self.record = worker, record
+    def __init__(self, worker: Worker, record: dict, storage: Storage):
+        self.worker, self.record, self.storage = worker, record, storage
         self.run_log: RunLog | None = None
         self.figures: Figures | None = None
 
@@ -391,7 +413,8 @@ class Reporter:
         if not self.worker.is_chief:
             ray.train.report(metrics, checkpoint=None)
             return
+        name = checkpoint_dir_name(metrics["epoch"], state.step)
         with tempfile.TemporaryDirectory() as d:
             save_checkpoint(checkpoint_dict(state, self.record), os.path.join(d, CHECKPOINT_FILE))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                             checkpoint_dir_name=checkpoint_dir_name(metrics["epoch"], state.step))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
+        self.storage.sync(name)  # Ray Train's upload (a plain copy) is on disk before the next step

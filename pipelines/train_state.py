@@ -18,7 +18,7 @@ from cluster.storage import open_storage
 from mae import create_model
 from mae.checkpoint import CHECKPOINT_FILE, load_checkpoint, load_mae_state, model_state
 from mae.recipe import build_optimizer
-from pipelines.config import Config, ModelConfig, OptimConfig, RunConfig, TrainConfig, redacted
+from pipelines.config import Config, ModelConfig, OptimConfig, RunConfig, TrainConfig
 
 logger = logging.getLogger("mae.train")
 
@@ -51,7 +51,7 @@ def starting_checkpoint(run: RunConfig) -> tuple[dict | None, str]:
             return load_checkpoint(os.path.join(d, CHECKPOINT_FILE)), f"the run's latest checkpoint {latest.path}"
     if run.resume_from:
         folder, _, name = run.resume_from.rstrip("/").rpartition("/")
-        data = open_storage(folder or ".", run.s3_endpoint, run.s3_region).read(name)
+        data = open_storage(folder or ".", run.s3_endpoint, run.s3_region, run.s3_credentials_file).read(name)
         if data is None:
             raise FileNotFoundError(f"run.resume_from: no such checkpoint {run.resume_from!r}")
         return load_checkpoint(io.BytesIO(data)), f"run.resume_from={run.resume_from}"
@@ -83,14 +83,15 @@ def restore(state: State, ckpt: dict | None, steps_per_epoch: int) -> None:
 
 def run_record(cfg: Config) -> dict:
     """What every checkpoint of a run records of its configuration: the reference's `args`
-    (a plain dict of its argument names) and our nested `config`, credentials blanked."""
+    (a plain dict of its argument names) and our nested `config` (which holds no credentials:
+    config.CREDENTIAL_KEYS are never config values)."""
     m, t, o = cfg.model, cfg.train, cfg.optim
     args = {"model": m.name, "input_size": m.input_size, "mask_ratio": m.mask_ratio,
             "norm_pix_loss": m.norm_pix_loss, "batch_size": t.batch_size, "accum_iter": t.accum_iter,
             "epochs": t.epochs, "warmup_epochs": o.warmup_epochs, "blr": o.blr, "lr": o.lr,
             "min_lr": o.min_lr, "weight_decay": o.weight_decay, "seed": t.seed,
             "data_path": cfg.data.path, "world_size": cfg.scaling.num_workers}
-    return {"args": args, "config": redacted(cfg.to_dict())}
+    return {"args": args, "config": cfg.to_dict()}
 
 
 def checkpoint_dict(state: State, record: dict) -> dict:

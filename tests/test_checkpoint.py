@@ -25,6 +25,18 @@ def test_round_trip_and_official_style_namespace_args(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]  # no temporary file left
 
 
+def test_a_failed_save_leaves_neither_the_file_nor_a_temporary(tmp_path):
+    path = tmp_path / "checkpoint.pth"
+    save_checkpoint({"epoch": 1}, path)
+    before = path.read_bytes()
+    with pytest.raises(Exception):
+        save_checkpoint({"epoch": 2, "fn": lambda: None}, path)  # a lambda does not pickle, halfway through
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"] and path.read_bytes() == before
+    with pytest.raises(Exception):
+        save_checkpoint({"epoch": 3, "fn": lambda: None}, tmp_path / "fresh.pth")
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]
+
+
 def test_loading_refuses_to_run_code(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"model": {}, "x": Payload()}, path, pickle_protocol=pickle.DEFAULT_PROTOCOL)

@@ -1,0 +1,31 @@
+"""The count of images the stream skipped (undecodable, unreadable, lost with a damaged
+shard), exact whatever batch they would have fallen in.
+
+Rows cannot carry it: the last partial batch of an epoch is dropped, an equal split drops
+rows, and a lost shard yields no rows at all. So each read task adds its count to one
+counter actor per Ray job before it hands over its last block, and rank 0 takes the count
+when its epoch's iterator is exhausted: by then every read task of that execution has
+finished, and the next execution starts only when every worker asks for it (streaming_split
+waits for all splits), which rank 0 does after taking the count.
+"""
+import ray
+
+
+@ray.remote(num_cpus=0)
+class SkipCounter:
+    def __init__(self):
+        self.count = 0
+
+    def add(self, n: int) -> None:
+        self.count += n
+
+    def take(self) -> int:
+        """The count since the last take, reset to 0."""
+        n, self.count = self.count, 0
+        return n
+
+
+def skip_counter():
+    """This Ray job's counter (created by the first caller: the driver, in `image_stream`)."""
+    name = f"mae-skipped-images-{ray.get_runtime_context().get_job_id()}"
+    return SkipCounter.options(name=name, get_if_exists=True).remote()
