@@ -200,6 +200,23 @@ def count_tar(fs: pafs.FileSystem, shard: str) -> int:
         return sum(1 for m in tar if m.isfile() and wds_member(m.name)[1] in WDS_IMAGE_KEYS)
 
 
+def check_parquet_schema(fs: pafs.FileSystem, shard: str) -> None:
+    """The shard holds images as the published ImageNet Parquet shards do: an `image` struct
+    with binary `bytes`, and an integer `label`; else a DataError naming what differs."""
+    import pyarrow.parquet as pq
+    with fs.open_input_file(shard) as f:
+        schema = pq.read_schema(f)
+    names = schema.names
+    image = schema.field("image").type if "image" in names else None
+    if image is None or not pa.types.is_struct(image) or image.get_field_index("bytes") < 0 \
+            or not pa.types.is_binary(image.field("bytes").type) and not pa.types.is_large_binary(
+                image.field("bytes").type):
+        raise DataError(f"data.path: {shard} has no `image` column of struct<bytes: binary> "
+                        f"(its columns: {', '.join(f'{n}: {schema.field(n).type}' for n in names)})")
+    if "label" not in names or not pa.types.is_integer(schema.field("label").type):
+        raise DataError(f"data.path: {shard} has no integer `label` column (its columns: {', '.join(names)})")
+
+
 def count_shard(fs: pafs.FileSystem, shard: str, fmt: str) -> int:
     return (count_parquet if fmt == "parquet" else count_tar)(fs, shard)
 
@@ -274,6 +291,11 @@ def open_source(fmt: str, uri: str, endpoint: str | None = None, region: str | N
         return Source(fmt, uri, fs, path, tuple(folder.paths), len(folder), tuple(folder.classes),
                       labels=tuple(folder.labels))
     shards = list_shards(fs, path, fmt)
+    if fmt == "parquet":
+        try:
+            check_parquet_schema(fs, shards[0])  # the others are checked as they are read
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(f"data.path: cannot read the parquet shard {shards[0]}: {e}") from None
     folder = Storage(fs, shards[0].rsplit("/", 1)[0], uri)
     manifest = json.loads(folder.read(MANIFEST) or "null")
     counts = {folder.path(s["path"]): s["num_images"] for s in manifest["shards"]} if manifest else {}

@@ -157,7 +157,7 @@ def train_loop_per_worker(config: dict) -> None:
         train(config)
     except DETERMINISTIC as e:
         rank = ray.train.get_context().get_world_rank()
-        message = str(e) if isinstance(e, FatalError) else f"{type(e).__name__}: {e}"
+        message = error_message(e)
         logger.error("rank %d: %s", rank, message)
         if isinstance(e, FatalError):
             if rank == 0:
@@ -165,6 +165,15 @@ def train_loop_per_worker(config: dict) -> None:
             return
         end_attempt(config["storage"], message, job_id)
         raise
+
+
+def error_message(e: BaseException) -> str:
+    """One line for attempts.jsonl and the driver: an error from a Ray task or actor (the
+    stream's) by its cause, a FatalError by its message, others with their type."""
+    while isinstance(e, ray.exceptions.RayTaskError) and e.cause is not None and e.cause is not e:
+        e = e.cause
+    text = " ".join(str(e).split())
+    return text if isinstance(e, FatalError) else f"{type(e).__name__}: {text}"
 
 
 def train(config: dict) -> None:
@@ -368,16 +377,19 @@ class Progress:
 
 
 class Figures:
-    """Rank 0's reconstructions of a fixed held-out set, with fixed masks, after each epoch."""
+    """Rank 0's reconstructions of a fixed held-out set, with fixed masks, after each epoch
+    (none when the source had no decodable image to hold out)."""
 
     def __init__(self, held_out: list[bytes], model: ModelConfig, seed: int, device: torch.device):
-        self.images = normalize_on_device(eval_crops(held_out, model.input_size), device)
+        self.images = normalize_on_device(eval_crops(held_out, model.input_size), device) if held_out else None
         num_patches = (model.input_size // preset(model.name)["patch_size"]) ** 2
         generator = torch.Generator().manual_seed(seed)
-        self.noise = torch.rand(len(self.images), num_patches, generator=generator).to(device)
+        self.noise = torch.rand(len(held_out), num_patches, generator=generator).to(device)
         self.mask_ratio = model.mask_ratio
 
-    def reconstructions(self, model: torch.nn.Module, epoch: int) -> bytes:
+    def reconstructions(self, model: torch.nn.Module, epoch: int) -> bytes | None:
+        if self.images is None:
+            return None
         panels = reconstruct(model, self.images, self.mask_ratio, self.noise)
         return grid_png(panels, title=f"epoch {epoch}")
 

@@ -37,8 +37,7 @@ def ray_cluster():
     started by tests join the cluster."""
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     address, dashboard_port = f"127.0.0.1:{_free_port()}", _free_port()
-    # Train state tracking on, as the dashboard's Train view needs: what it stores is checked for secrets
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_ENABLE_STATE_TRACKING": "1"}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     subprocess.run([RAY, "start", "--head", f"--port={address.split(':')[1]}", "--node-ip-address=127.0.0.1",
                     "--num-cpus=4", f"--resources={{\"sdaa\": {SDAA_UNITS}}}",
                     f"--object-store-memory={400 * 2**20}", "--dashboard-host=127.0.0.1",

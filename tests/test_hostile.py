@@ -148,6 +148,17 @@ def test_parquet_damaged_row_group_and_footer(tmp_path, caplog):
     assert "retry" not in caplog.text
 
 
+def test_parquet_shards_of_another_schema_are_named_before_the_run(tmp_path):
+    from pipelines.reading import DataError, open_source
+    pq.write_table(pa.table({"image": [b"x"] * 4, "label": [0] * 4}), tmp_path / "a.parquet")
+    with pytest.raises(DataError, match=r"a.parquet has no `image` column of struct<bytes: binary> "
+                                        r"\(its columns: image: binary, label: int64\)"):
+        open_source("parquet", str(tmp_path))
+    pq.write_table(pa.table({"image": [{"bytes": b"x"}] * 4, "cls": ["a"] * 4}), tmp_path / "a.parquet")
+    with pytest.raises(DataError, match="no integer `label` column"):
+        open_source("parquet", str(tmp_path))
+
+
 def test_a_file_gone_since_the_listing_is_lost_without_retries(tmp_path, caplog):
     paths = []
     for i in range(3):
@@ -318,13 +329,16 @@ def test_a_data_error_retrying_cannot_fix_ends_the_run_once(ray_cluster, tmp_pat
     if damage == "every image broken":
         write_tar(data / "a.tar", [(f"k{i}", b"\xff\xd8 not really" * 10, 0) for i in range(80)])
         fmt, message = "webdataset", "too few images for one step"
-    else:
-        pq.write_table(pa.table({"image": [b"x" * 10] * 80, "label": [0] * 80}), data / "a.parquet")
-        fmt, message = "parquet", "a.parquet"
+    else:  # the first shard (whose schema is checked before the run) is right, the second is not
+        good = [{"bytes": jpeg(i), "path": f"{i}.jpg"} for i in range(40)]
+        pq.write_table(pa.table({"image": good, "label": [0] * 40}), data / "a.parquet")
+        pq.write_table(pa.table({"image": [b"x" * 10] * 40, "label": [0] * 40}), data / "b.parquet")
+        fmt, message = "parquet", "b.parquet"
     result = run_pretrain(f"data.format={fmt}", f"data.path={data}", f"run.storage_path={tmp_path}", "run.name=bad",
                           "train.epochs=2", "optim.warmup_epochs=0.5", "train.batch_size=16", "run.max_failures=-1")
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
-    assert message in result.stderr.splitlines()[-1], result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-3000:]
     assert len(read_jsonl(tmp_path / "bad" / "attempts.jsonl")) == 1  # ended once, not retried forever
 
 
@@ -357,7 +371,8 @@ def test_no_credential_anywhere_after_an_s3_run(ray_cluster, s3_server, digits, 
     os.chmod(creds, 0o600)
     prefix = f"runs/secret-{uuid.uuid4().hex[:8]}"
     convert(str(digits), f"s3://{prefix}/data", "webdataset", shard_size=512 * 2**10, s3_endpoint=s3_server)
-    cmd = [RAY, "job", "submit", f"--address={dashboard}", f"--working-dir={ROOT}", "--", "python",
+    cmd = [RAY, "job", "submit", f"--address={dashboard}", f"--working-dir={ROOT}", "--",
+           "RAY_TRAIN_ENABLE_STATE_TRACKING=1", "python",  # the dashboard's Train view, as operators turn it on
            "pipelines/pretrain.py", "--config", "configs/debug.yaml", "data.format=webdataset",
            f"data.path=s3://{prefix}/data", f"data.s3_endpoint={s3_server}", f"data.s3_credentials_file={creds}",
            f"run.storage_path=s3://{prefix}/runs", f"run.s3_endpoint={s3_server}",
@@ -373,10 +388,10 @@ def test_no_credential_anywhere_after_an_s3_run(ray_cluster, s3_server, digits, 
         with fs.open_input_stream(path) as f:
             seen.append(f.read())
     apis = {}
-    for api in ("/api/jobs/", "/api/train/v2/runs", "/api/v0/tasks?limit=10000", "/api/v0/actors?limit=10000"):
+    for api in ("/api/jobs/", "/api/train/v2/runs/v1", "/api/v0/tasks?limit=10000", "/api/v0/actors?limit=10000"):
         with urllib.request.urlopen(dashboard + api, timeout=30) as r:
             apis[api] = r.read()
-    assert b'"secret"' in apis["/api/train/v2/runs"]  # Train state tracking is on, and has this run
+    assert b'"secret"' in apis["/api/train/v2/runs/v1"]  # Train state tracking is on, and has this run
     seen += apis.values()
     seen.append(subprocess.run([RAY, "job", "list", f"--address={dashboard}"], capture_output=True).stdout)
     seen.append(all_text_under(os.environ["MAE_TEST_RAY_TEMP_DIR"]))  # every log of the cluster
@@ -418,7 +433,7 @@ def test_a_second_submission_of_a_live_run_stops_at_once_and_a_dead_ones_lease_i
     lease = json.loads((run / "lease.json").read_text())
     assert lease["pid"] == first.pid
     time.sleep(max(0.0, lease["renewed"] + lease["ttl"] - time.time()))  # the dead driver's lease expires
-    third = run_pretrain(*args, "train.epochs=1", timeout=600)
+    third = run_pretrain(*args, "train.epochs=1", "optim.warmup_epochs=0.5", timeout=600)
     assert third.returncode == 0, third.stdout[-2000:] + third.stderr[-2000:]
     assert f"pid {first.pid}" in third.stderr and "taking over" in third.stderr.lower(), third.stderr[-2000:]
     assert not (run / "lease.json").exists()  # given back at the end
