@@ -1,6 +1,12 @@
-"""Export the encoder of an MAE checkpoint (ours or the official release's) for fine-tuning.
+"""Export an MAE checkpoint (ours or the official release's) for use elsewhere.
 
     python pipelines/export.py --checkpoint runs/demo --to timm --out encoder.safetensors
+    python pipelines/export.py --checkpoint runs/demo --to hf --out vit-mae-demo/
+
+`--to hf` writes a folder (config.json + model.safetensors) that Hugging Face transformers
+loads with `ViTMAEForPreTraining.from_pretrained(folder)`: encoder and decoder, the same
+loss and reconstructions for the same `noise`; `run.resume_from` reads such a folder back
+(ours or one from the hub, e.g. a download of facebook/vit-mae-base).
 
 --checkpoint is a checkpoint file (ours or an official MAE .pth) or a run directory (its
 latest checkpoint).
@@ -16,16 +22,23 @@ import argparse
 import os
 import sys
 
-from mae.checkpoint import image_size_of, latest_checkpoint, load_checkpoint, model_state, recorded_preset
-from mae.export import encoder_state_for_timm, save_timm_encoder, timm_load_example, timm_model_name
+from mae.checkpoint import (image_size_of, latest_checkpoint, load_checkpoint, model_from_checkpoint, model_state,
+                            recorded_preset)
+from mae.export import encoder_state_for_timm, save_hf, save_timm_encoder, timm_load_example, timm_model_name
+from mae.model import preset
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True,
                     help="checkpoint.pth of ours, an official MAE .pth, or a run directory")
-    ap.add_argument("--to", choices=["timm"], default="timm", help="target library")
-    ap.add_argument("--out", required=True, help="file to write (.safetensors)")
+    ap.add_argument("--to", choices=["timm", "hf"], default="timm",
+                    help="timm: the encoder as a VisionTransformer (.safetensors); hf: the whole model as "
+                         "transformers' ViTMAEForPreTraining (a folder)")
+    ap.add_argument("--out", required=True, help="file (timm, .safetensors) or folder (hf) to write")
+    ap.add_argument("--norm-pix-loss", choices=["true", "false"], default=None,
+                    help="hf: the config's norm_pix_loss for an official checkpoint, which does not record it "
+                         "(ours do); true for the *_full.pth pretraining weights")
     return ap.parse_args(argv)
 
 
@@ -38,8 +51,27 @@ def timm_name_or_none(ckpt: dict, img_size: int) -> str | None:
         return None
 
 
+def export_hf(ckpt: dict, out: str, norm_pix_loss: bool | None) -> str:
+    """Write the Hugging Face folder of a checkpoint (with its decoder); a line saying what."""
+    model, name = model_from_checkpoint(ckpt, norm_pix_loss=norm_pix_loss, require_decoder=True)
+    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    mask_ratio = config.get("model", {}).get("mask_ratio", 0.75)
+    img_size = image_size_of(model_state(ckpt))
+    save_hf(model.state_dict(), preset(name), img_size, model.norm_pix_loss, out, mask_ratio)
+    return (f"wrote {out}: transformers ViTMAEForPreTraining ({name}, {img_size}px, norm_pix_loss="
+            f"{model.norm_pix_loss}); load it with ViTMAEForPreTraining.from_pretrained({out!r})")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.to == "hf":
+        try:
+            print(export_hf(load_checkpoint(latest_checkpoint(args.checkpoint)), args.out,
+                            None if args.norm_pix_loss is None else args.norm_pix_loss == "true"))
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
     try:
         ckpt = load_checkpoint(latest_checkpoint(args.checkpoint))
         state = model_state(ckpt)

@@ -33,12 +33,32 @@ from pipelines.stream import image_stream  # noqa: E402
 from pipelines.train_loop import train_loop_per_worker  # noqa: E402
 
 
-def parse_args(argv=None) -> Config:
+def parse_args(argv=None) -> tuple[argparse.Namespace, Config]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="YAML recipe under configs/")
+    ap.add_argument("--plan", action="store_true",
+                    help="print what the config will do (batch, lr, steps, resources, model size, checkpoint size, "
+                         "input and decode rates) and exit, without training or a cluster")
+    ap.add_argument("--accelerator-rate", type=float, default=1000.0, metavar="IMAGES_PER_S",
+                    help="--plan: training images/s each accelerator consumes (default 1000)")
     ap.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = ap.parse_args(argv)
-    return load_config(args.config, args.overrides)
+    return args, load_config(args.config, args.overrides)
+
+
+def print_plan(cfg: Config, accelerator_rate: float) -> int:
+    """`--plan`: the plan of the config on stdout; the data is listed if it is readable here."""
+    from pipelines.plan import plan, sample_images
+    d = cfg.data
+    try:
+        source = open_source(d.format, d.path, d.s3_endpoint, d.s3_region, d.s3_credentials_file)
+        num_images, note = len(source), f"listed at {d.path}"
+    except (DataError, OSError, ValueError) as e:
+        source, num_images = None, None
+        note = f"ImageNet-1k's count: data.path is not readable here ({str(e).splitlines()[0]})"
+    blobs, blobs_note = sample_images(source)
+    print(plan(cfg, num_images, note, blobs, blobs_note, accelerator_rate))
+    return 0
 
 
 def prepare_data(d: DataConfig) -> Source:
@@ -91,7 +111,9 @@ def build_trainer(cfg: Config, dataset: ray.data.Dataset, num_images: int, held_
 
 def main(argv=None) -> int:
     try:
-        cfg = parse_args(argv)
+        args, cfg = parse_args(argv)
+        if args.plan:
+            return print_plan(cfg, args.accelerator_rate)
         source = prepare_data(cfg.data)
         iters_per_epoch(cfg.train, cfg.scaling.num_workers, len(source))
     except (ConfigError, DataError) as e:

@@ -3,13 +3,14 @@ the run (epoch, micro-batch within it, optimizer steps done).
 
 Where a run starts from, in this order: the run's own latest checkpoint (Ray Train's
 `get_checkpoint()`, after a re-submission or a worker failure), else `run.resume_from` (a
-checkpoint of ours or an official MAE .pth), else fresh weights.
+checkpoint of ours, an official MAE .pth or a Hugging Face ViTMAE folder), else fresh weights.
 """
 import io
 import logging
 import os
 from dataclasses import dataclass
 
+import pyarrow.fs as pafs
 import ray.train
 import torch
 
@@ -17,6 +18,7 @@ from cluster.accelerators import Accelerator
 from cluster.storage import open_storage
 from mae import create_model
 from mae.checkpoint import CHECKPOINT_FILE, load_checkpoint, load_mae_state, model_state
+from mae.export import HF_CONFIG, HF_WEIGHTS, read_hf
 from mae.recipe import build_optimizer
 from pipelines.config import Config, ModelConfig, OptimConfig, RunConfig, TrainConfig
 
@@ -43,6 +45,25 @@ def build_state(model: ModelConfig, optim: OptimConfig, train: TrainConfig, row:
     return State(net, optimizer, row.make_scaler(enabled=train.precision == "fp16"))
 
 
+def read_resume_from(run: RunConfig) -> tuple[dict, str]:
+    """The checkpoint `run.resume_from` names: a checkpoint file (ours or an official .pth),
+    or a Hugging Face ViTMAE folder (config.json + model.safetensors, e.g. from
+    `export.py --to hf` or the hub), whose weights load as an official full checkpoint's."""
+    store = open_storage(run.resume_from, run.s3_endpoint, run.s3_region, run.s3_credentials_file)
+    if store.fs.get_file_info(store.root).type == pafs.FileType.Directory:
+        config_json, weights = store.read(HF_CONFIG), store.read(HF_WEIGHTS)
+        if config_json is None or weights is None:
+            raise FileNotFoundError(f"run.resume_from: {run.resume_from!r} is a folder without {HF_CONFIG} and "
+                                    f"{HF_WEIGHTS} (a Hugging Face ViTMAE model)")
+        state, _, _ = read_hf(config_json, weights)
+        return {"model": state}, f"run.resume_from={run.resume_from} (Hugging Face ViTMAE)"
+    folder, _, name = run.resume_from.rstrip("/").rpartition("/")
+    data = open_storage(folder or ".", run.s3_endpoint, run.s3_region, run.s3_credentials_file).read(name)
+    if data is None:
+        raise FileNotFoundError(f"run.resume_from: no such checkpoint {run.resume_from!r}")
+    return load_checkpoint(io.BytesIO(data)), f"run.resume_from={run.resume_from}"
+
+
 def starting_checkpoint(run: RunConfig) -> tuple[dict | None, str]:
     """(checkpoint dict or None, where it came from), by the precedence above."""
     latest = ray.train.get_checkpoint()
@@ -50,11 +71,7 @@ def starting_checkpoint(run: RunConfig) -> tuple[dict | None, str]:
         with latest.as_directory() as d:
             return load_checkpoint(os.path.join(d, CHECKPOINT_FILE)), f"the run's latest checkpoint {latest.path}"
     if run.resume_from:
-        folder, _, name = run.resume_from.rstrip("/").rpartition("/")
-        data = open_storage(folder or ".", run.s3_endpoint, run.s3_region, run.s3_credentials_file).read(name)
-        if data is None:
-            raise FileNotFoundError(f"run.resume_from: no such checkpoint {run.resume_from!r}")
-        return load_checkpoint(io.BytesIO(data)), f"run.resume_from={run.resume_from}"
+        return read_resume_from(run)
     return None, "fresh weights"
 
 
