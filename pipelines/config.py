@@ -2,6 +2,7 @@
 by dotted `section.key=value` arguments. Unknown keys and bad values are errors that name
 the key and what is allowed. Validation lives in `validate()` and nowhere else."""
 import dataclasses
+import importlib.util
 import os
 import types
 import typing
@@ -160,6 +161,15 @@ class RunConfig:
     lease_ttl_seconds: float = 60.0
     """The driver renews the run directory's lease (lease.json) every quarter of this; a
     lease older than this belongs to a driver that is gone and is taken over."""
+    mlflow_tracking_uri: str | None = None
+    """Also log to this MLflow tracking server (e.g. http://mlflow.internal:5000; needs the
+    `mlflow` extra): params, per-step loss and lr, per-epoch metrics, figures. Its credentials
+    come from MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN on the nodes, never the URI."""
+    mlflow_experiment: str = "mae"
+    """The MLflow experiment the run logs into (created if missing)."""
+    verbose: bool = False
+    """Show everything Ray's processes print on the driver's console (false: the run's own
+    lines, and its workers' warnings and errors; Ray's internals stay in Ray's log files)."""
     tensorboard: bool = False
     """Also write TensorBoard events (loss, lr, images/s, reconstructions) to <run dir>/tensorboard."""
 
@@ -363,6 +373,12 @@ def validate(cfg: Config) -> None:
          "run.storage_path", "a local/NFS folder or s3://bucket/prefix", r.storage_path)
     need(r.keep_checkpoints is None or r.keep_checkpoints >= 1, "run.keep_checkpoints", "null or >= 1",
          r.keep_checkpoints)
+    uri = r.mlflow_tracking_uri or ""
+    need("@" not in uri.partition("://")[2].partition("/")[0], "run.mlflow_tracking_uri",
+         "no credentials in the URI (they would show in `ray job list`); set MLFLOW_TRACKING_USERNAME / "
+         "MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN on the nodes", "<redacted>")
+    if uri and importlib.util.find_spec("mlflow") is None:
+        raise ConfigError("run.mlflow_tracking_uri: mlflow is not installed; pip install -e '.[mlflow]'")
     need(r.lease_ttl_seconds > 0, "run.lease_ttl_seconds", "must be > 0", r.lease_ttl_seconds)
     need(r.max_failures >= -1, "run.max_failures", "-1 (unlimited) or >= 0", r.max_failures)
     if not is_uri(r.storage_path):

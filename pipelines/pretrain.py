@@ -11,6 +11,8 @@ the run directory's lease is taken (cluster/lease.py): while another driver of t
 is alive, this one stops at once, naming it.
 """
 import argparse
+import contextlib
+import logging
 import os
 import signal
 import sys
@@ -28,7 +30,8 @@ from cluster.torch_backend import AcceleratorTorchConfig  # noqa: E402
 from pipelines.config import Config, ConfigError, DataConfig, TrainConfig, load_config, to_yaml  # noqa: E402
 from pipelines.demo_data import write_digits  # noqa: E402
 from pipelines.reading import DataError, Source, open_source  # noqa: E402
-from pipelines.run_files import ended_by  # noqa: E402
+from pipelines.console import Follow  # noqa: E402
+from pipelines.run_files import ended_by, read_jsonl  # noqa: E402
 from pipelines.stream import image_stream  # noqa: E402
 from pipelines.train_loop import train_loop_per_worker  # noqa: E402
 
@@ -41,9 +44,11 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Config]:
                          "input and decode rates) and exit, without training or a cluster")
     ap.add_argument("--accelerator-rate", type=float, default=1000.0, metavar="IMAGES_PER_S",
                     help="--plan: training images/s each accelerator consumes (default 1000)")
+    ap.add_argument("--verbose", action="store_true",
+                    help="show everything Ray's processes print (as run.verbose=true)")
     ap.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = ap.parse_args(argv)
-    return args, load_config(args.config, args.overrides)
+    return args, load_config(args.config, [*args.overrides, *(["run.verbose=true"] if args.verbose else [])])
 
 
 def print_plan(cfg: Config, accelerator_rate: float) -> int:
@@ -109,6 +114,20 @@ def build_trainer(cfg: Config, dataset: ray.data.Dataset, num_images: int, held_
     )
 
 
+def failure_lines(e: ray.train.TrainingFailedError, run_dir) -> list[str]:
+    """One line per failed worker, with its rank and node (from attempts.jsonl), instead of
+    Ray's dump of every traceback; the tracebacks are in the workers' logs."""
+    if not isinstance(e, ray.train.WorkerGroupError) or not e.worker_failures:
+        return [" ".join(str(e).split())[:2000]]
+    attempts = read_jsonl(run_dir, "attempts.jsonl")
+    nodes = {w["rank"]: w["node_ip"] for w in (attempts[-1].get("workers") or [])} if attempts else {}
+    lines = []
+    for rank, failure in sorted(e.worker_failures.items()):
+        last = next((line for line in reversed(str(failure).strip().splitlines()) if line.strip()), repr(failure))
+        lines.append(f"rank {rank} on {nodes.get(rank, 'its node')}: {last.strip()}")
+    return lines + ["(the full tracebacks are in the workers' logs, under the Ray session's logs/ folder)"]
+
+
 def main(argv=None) -> int:
     try:
         args, cfg = parse_args(argv)
@@ -122,7 +141,9 @@ def main(argv=None) -> int:
     classes = f" in {len(source.classes)} classes" if source.classes else ""
     print(f"{len(source)} training images{classes} in {len(source.files)} {source.format} "
           f"{'files' if source.format == 'imagefolder' else 'shards'} from {cfg.data.path}")
-    ray.init(ignore_reinit_error=True)
+    verbose = cfg.run.verbose  # else Ray's processes print to its log files only: pipelines/console.py
+    ray.init(ignore_reinit_error=True, log_to_driver=verbose,
+             logging_level=logging.INFO if verbose else logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False  # the train loop logs progress
     try:
         lease = Lease.acquire(cfg.run_storage(), ttl=cfg.run.lease_ttl_seconds)
@@ -150,12 +171,15 @@ def run(cfg: Config, source: Source, lease: Lease) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     stream = image_stream(source, cfg.data, cfg.model.input_size, cfg.train.seed,
-                          reserved_cpus=s.num_workers * s.cpus_per_worker)
+                          reserved_cpus=s.num_workers * s.cpus_per_worker, console=not cfg.run.verbose)
     run_dir = cfg.run_storage()
     try:
-        result = build_trainer(cfg, stream, len(source), source.held_out(8)).fit()
+        with contextlib.nullcontext() if cfg.run.verbose else Follow():
+            result = build_trainer(cfg, stream, len(source), source.held_out(8)).fit()
     except ray.train.TrainingFailedError as e:
-        print(f"error: {ended_by(run_dir, ray.get_runtime_context().get_job_id()) or e}", file=sys.stderr)
+        recorded = ended_by(run_dir, ray.get_runtime_context().get_job_id())
+        for line in [recorded] if recorded else failure_lines(e, run_dir):
+            print(f"error: {line}", file=sys.stderr)
         return 1
     if lease.lost:
         print(f"warning: this run's lease was lost while it trained ({lease.lost}): another driver may have "

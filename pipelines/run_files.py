@@ -47,10 +47,12 @@ def ended_by(storage: Storage, job_id: str) -> str | None:
 
 class RunLog:
     """The run's metrics and step records, kept in memory on rank 0 and flushed each epoch,
-    with the figures and (optionally) TensorBoard events."""
+    with the figures and (optionally) TensorBoard events and an MLflow run
+    (`tracker`: pipelines/tracking.py)."""
 
-    def __init__(self, storage: Storage, start_epoch: int, start_step: int, tensorboard: bool = False):
-        self.storage = storage
+    def __init__(self, storage: Storage, start_epoch: int, start_step: int, tensorboard: bool = False,
+                 tracker=None):
+        self.storage, self.tracker = storage, tracker
         self.metrics = [m for m in read_jsonl(storage, "metrics.jsonl") if m["epoch"] < start_epoch]
         self.steps = [s for s in read_jsonl(storage, "steps.jsonl") if s["step"] <= start_step]
         self.writer = None
@@ -77,16 +79,25 @@ class RunLog:
         write_jsonl(self.storage, "steps.jsonl", self.steps)
         if self.writer is not None:
             self._write_events(None, step_records, None)
+        if self.tracker is not None:
+            self.tracker.log_steps(step_records)
 
     def flush(self, epoch_metrics: dict, step_records: list[dict], reconstruction_png: bytes | None = None) -> None:
         self.metrics.append(epoch_metrics)
         self.flush_steps(step_records)
         write_jsonl(self.storage, "metrics.jsonl", self.metrics)
-        self.storage.write("loss_curve.png", plot_loss_curve(self.steps, self.metrics))
+        curve = plot_loss_curve(self.steps, self.metrics)
+        self.storage.write("loss_curve.png", curve)
+        figure = f"epoch_{epoch_metrics['epoch']:04d}.png"
         if reconstruction_png is not None:
-            self.storage.write(f"reconstructions/epoch_{epoch_metrics['epoch']:04d}.png", reconstruction_png)
+            self.storage.write(f"reconstructions/{figure}", reconstruction_png)
         if self.writer is not None:
             self._write_events(epoch_metrics, [], reconstruction_png)
+        if self.tracker is not None:
+            self.tracker.log_epoch(epoch_metrics, self.steps[-1]["step"] if self.steps else 0)
+            self.tracker.log_figure("loss_curve.png", curve)
+            if reconstruction_png is not None:
+                self.tracker.log_figure(figure, reconstruction_png, "reconstructions")
 
     def _write_events(self, epoch_metrics: dict | None, step_records: list[dict], png: bytes | None) -> None:
         import io

@@ -22,6 +22,7 @@ import ray.data
 from cluster import ray_compat
 from mae.transforms import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, REGION_DECODE, decode_crop_batch
 from pipelines.config import DataConfig
+from pipelines.console import forward_to_driver
 from pipelines.reading import (DataError, Retry, Source, imagefolder_samples, parquet_parts, parquet_samples, part_rows,
                                tar_samples)
 from pipelines.skips import skip_counter
@@ -30,11 +31,12 @@ logger = logging.getLogger(__name__)
 
 
 def image_stream(source: Source, data: DataConfig, input_size: int, seed: int, reserved_cpus: float = 0.0,
-                 augment: bool = True) -> ray.data.Dataset:
+                 augment: bool = True, console: bool = False) -> ray.data.Dataset:
     """Rows {image: uint8 [S, S, 3], label: int64, skipped: int8} of `source`, with the
     data.* settings; call after ray.init. `reserved_cpus`: the CPUs the training workers
     hold, which decoding leaves alone. `augment=False` gives the evaluation view (resize +
-    centre crop) instead of the random crop and flip.
+    centre crop) instead of the random crop and flip. `console`: the decode tasks' warnings
+    go to the driver's console (pipelines/console.py), not only to their logs.
 
     At most `data.decode_concurrency` decode tasks run at once (default: the cluster's CPUs
     left by the training workers / `data.decode_cpus`), and decoded crops that the consumer
@@ -48,7 +50,7 @@ def image_stream(source: Source, data: DataConfig, input_size: int, seed: int, r
     if augment and not REGION_DECODE:
         logger.warning("mae_jpeg_region is not built (setup.py: needs a C compiler and libjpeg's headers, "
                        "Debian's libjpeg62-turbo-dev): JPEGs are decoded whole, which is slower")
-    datasource = ImageDatasource(source, data, input_size, seed, augment, skip_counter())
+    datasource = ImageDatasource(source, data, input_size, seed, augment, skip_counter(), console)
     ds = ray.data.read_datasource(datasource, num_cpus=data.decode_cpus, concurrency=concurrency,
                                   override_num_blocks=datasource.num_tasks())  # blocks of batch_size, unsplit
     block_bytes = data.decode_batch_size * input_size * input_size * 3
@@ -133,8 +135,10 @@ class DecodeAhead(ray_compat.BackpressurePolicy):
 class ImageDatasource(ray.data.Datasource):
     """A source's images, read and decoded in the same Ray task (see `image_stream`)."""
 
-    def __init__(self, source: Source, data: DataConfig, size: int, seed: int, augment: bool, counter):
+    def __init__(self, source: Source, data: DataConfig, size: int, seed: int, augment: bool, counter,
+                 console: bool = False):
         self.source, self.size, self.seed, self.augment, self.counter = source, size, seed, augment, counter
+        self.console = console
         self.batch_size, self.files_per_task = data.decode_batch_size, data.read_files_per_task
         self.cpus = data.decode_cpus
         self.max_pixels, self.max_bytes = data.max_pixels, data.max_image_bytes
@@ -178,7 +182,7 @@ class ImageDatasource(ray.data.Datasource):
         rng = np.random.default_rng([self.seed, ray_compat.execution_index(data_context)])  # a new order every epoch
         fs, fmt, size, augment, batch = self.source.fs, self.source.format, self.size, self.augment, self.batch_size
         threads, counter, retry = max(1, int(self.cpus)), self.counter, self.retry
-        max_pixels, max_bytes = self.max_pixels, self.max_bytes
+        max_pixels, max_bytes, console = self.max_pixels, self.max_bytes, self.console
 
         def samples_of(unit, n: int):
             if fmt == "imagefolder":
@@ -190,6 +194,8 @@ class ImageDatasource(ray.data.Datasource):
         def read(unit, n: int):
             import torch
             torch.set_num_threads(threads)  # one decoder per CPU it holds; no oversubscription
+            if console:
+                forward_to_driver(f"decoding on {ray.util.get_node_ip_address()}")
             skipped = 0
 
             def block(chunk):  # None when no image of the chunk decodes

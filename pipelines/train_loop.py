@@ -14,6 +14,7 @@ import contextlib
 import logging
 import math
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from mae.recipe import fractional_epoch, lr_at, scaled_lr, set_lr
 from mae.transforms import eval_crops, normalize_on_device
 from mae.visualize import grid_png, reconstruct
 from pipelines.config import ModelConfig, OptimConfig, TrainConfig, from_dict
+from pipelines.console import flush_to_driver, forward_to_driver
 from pipelines.errors import FatalError
 from pipelines.run_files import RunLog, end_attempt, ended_by
 from pipelines.skips import skip_counter
@@ -148,6 +150,9 @@ def train_loop_per_worker(config: dict) -> None:
     the restart that Ray Train may make finds it recorded for this Ray job and returns at
     once. The driver prints the recorded error and exits 1."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not config["cfg"]["run"].get("verbose", False):  # the driver shows our lines only: pipelines/console.py
+        rank = ray.train.get_context().get_world_rank()
+        forward_to_driver(f"rank {rank} on {ray.util.get_node_ip_address()}", everything=rank == 0)
     job_id = ray.get_runtime_context().get_job_id()
     error = ended_by(config["storage"], job_id)
     if error is not None:
@@ -158,13 +163,15 @@ def train_loop_per_worker(config: dict) -> None:
     except DETERMINISTIC as e:
         rank = ray.train.get_context().get_world_rank()
         message = error_message(e)
-        logger.error("rank %d: %s", rank, message)
+        print(f"rank {rank}: {message}", file=sys.stderr)  # its log; the driver prints the recorded error once
         if isinstance(e, FatalError):
             if rank == 0:
                 end_attempt(config["storage"], message, job_id)
             return
         end_attempt(config["storage"], message, job_id)
         raise
+    finally:
+        flush_to_driver()
 
 
 def error_message(e: BaseException) -> str:
@@ -191,7 +198,12 @@ def train(config: dict) -> None:
     placements = gather_objects(placement, worker.world)
     reporter = Reporter(worker, run_record(cfg), config["storage"])
     if worker.is_chief:
-        reporter.start(RunLog(config["storage"], state.epoch, state.step, cfg.run.tensorboard),
+        tracker = None
+        if cfg.run.mlflow_tracking_uri:
+            from pipelines.tracking import MlflowTracker
+            tracker = MlflowTracker(config["storage"], cfg.run.mlflow_tracking_uri, cfg.run.mlflow_experiment,
+                                    cfg.run.name, config["cfg"])
+        reporter.start(RunLog(config["storage"], state.epoch, state.step, cfg.run.tensorboard, tracker),
                        Figures(config["held_out"], cfg.model, cfg.train.seed, worker.device))
         reporter.run_log.record_attempt({"job_id": ray.get_runtime_context().get_job_id(),
                                          "epoch": state.epoch, "iteration": state.iteration, "step": state.step,
@@ -226,6 +238,8 @@ def train(config: dict) -> None:
                    "images_per_sec": len(log.synced) * sched.images_per_step / seconds,
                    "epoch_seconds": seconds, "skipped_images": log.skipped}
         reporter.epoch_end(state, metrics, log)
+    if worker.is_chief and reporter.run_log.tracker is not None:
+        reporter.run_log.tracker.finish()
 
 
 def start_worker(row: Accelerator, precision: str) -> tuple[Worker, dict]:

@@ -1,0 +1,44 @@
+"""The driver's console as a person reads it: the run's own lines, its workers' warnings
+tagged with where they happened, and none of Ray's internals unless --verbose."""
+import shutil
+
+import pytest
+
+from conftest import run_pretrain
+
+pytestmark = pytest.mark.slow
+RAY_INTERNALS = ("(RayTrainWorker pid=", "(SplitCoordinator", "(TrainController", "core_worker", "TrainingReport(",
+                 "Reporting training result", "Checkpoint successfully created", "Progress bar", ".cc:")
+
+
+@pytest.fixture(scope="module")
+def one_broken(digits, tmp_path_factory):
+    root = tmp_path_factory.mktemp("console") / "digits"
+    shutil.copytree(digits, root)
+    (root / "train" / "3" / "broken.jpg").write_bytes(b"not a JPEG at all")
+    return root
+
+
+def test_the_console_shows_the_run_and_its_warnings_not_rays_internals(ray_cluster, one_broken, tmp_path):
+    result = run_pretrain(f"data.path={one_broken}", f"run.storage_path={tmp_path}", "run.name=quiet",
+                          "train.epochs=1", "optim.warmup_epochs=0.5")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout + result.stderr
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert not [line for line in lines if any(marker in line for marker in RAY_INTERNALS)], out[-3000:]
+    assert lines[0].startswith("1439 training images in 10 classes")
+    assert any(line.startswith("training mae_vit_tiny_patch4 from epoch 0, micro-batch 0") for line in lines)
+    assert any(line.startswith("epoch 0/1  step 20/22  loss") for line in lines)
+    assert any(line.startswith("epoch 0 done: train_loss") for line in lines)
+    broken = [line for line in lines if "broken.jpg" in line]
+    assert len(broken) == 1 and broken[0].startswith("warning: skipping ") and "[decoding on " in broken[0]
+    assert lines[-1].startswith("  final epoch 0: train_loss")
+    assert len(lines) <= 30  # the whole run on one screen
+
+
+def test_verbose_shows_everything_ray_prints(ray_cluster, digits, tmp_path):
+    result = run_pretrain(f"data.path={digits}", f"run.storage_path={tmp_path}", "run.name=loud", "train.epochs=1",
+                          "optim.warmup_epochs=0.5", "--verbose")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout + result.stderr
+    assert "(RayTrainWorker pid=" in out and "epoch 0 done: train_loss" in out
