@@ -42,3 +42,23 @@ def test_verbose_shows_everything_ray_prints(ray_cluster, digits, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout + result.stderr
     assert "(RayTrainWorker pid=" in out and "epoch 0 done: train_loss" in out
+
+
+def test_a_dead_worker_is_one_line_with_its_rank_and_node(ray_cluster, digits, tmp_path):
+    import os
+    import signal
+
+    from conftest import read_jsonl, wait_for
+    proc = run_pretrain(f"data.path={digits}", f"run.storage_path={tmp_path}", "run.name=dies", "train.epochs=6",
+                        "optim.warmup_epochs=0.5", "run.max_failures=0", wait=False)
+    try:
+        wait_for(lambda: (tmp_path / "dies" / "attempts.jsonl").exists(), 300, "the workers' start")
+        (attempt,) = read_jsonl(tmp_path / "dies" / "attempts.jsonl")
+        os.kill(attempt["workers"][1]["pid"], signal.SIGKILL)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, out[-3000:]
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and errors[0].startswith(f"error: rank 1 on {attempt['workers'][1]['node_ip']}: "), out
+    assert "the full tracebacks are in the workers' logs" in errors[1] and "Traceback" not in out
