@@ -63,11 +63,12 @@ class DataConfig:
     """Most decode tasks running at once; null: the cluster's CPUs left by the training
     workers / decode_cpus."""
     read_files_per_task: int = 1024
-    """Images per read task: imagefolder files, or Parquet rows (a shard is split by row
-    groups); a WebDataset tar is one task. Each task streams out blocks of
-    `decode_batch_size`; fewer, longer tasks cost less Ray overhead per image, more tasks
-    keep all CPUs decoding to the end of an epoch (a small dataset wants several tasks per
-    decoder)."""
+    """Most images per read task: imagefolder files, Parquet rows (a shard is split by row
+    groups) or tar samples. Each task streams out blocks of `decode_batch_size`. There are
+    at least four read units per decoder where the data can be split that far: with fewer
+    shards than that, a Parquet shard splits by row groups and a tar by runs of its samples
+    (their offsets from one pass over its headers when the stream is built), so no decoder
+    waits on one long task at the end of an epoch."""
     prefetch_batches: int = 4
     """Batches each training worker keeps ready ahead of the one it trains on."""
     object_store_memory: int | None = None

@@ -221,6 +221,27 @@ def count_shard(fs: pafs.FileSystem, shard: str, fmt: str) -> int:
     return (count_parquet if fmt == "parquet" else count_tar)(fs, shard)
 
 
+def parquet_row_groups(fs: pafs.FileSystem, shard: str) -> tuple[int, ...]:
+    """Rows of each row group of a Parquet shard (its footer only): where it can be split."""
+    import pyarrow.parquet as pq
+    with fs.open_input_file(shard) as f:
+        meta = pq.ParquetFile(f).metadata
+        return tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups))
+
+
+def tar_offsets(fs: pafs.FileSystem, shard: str) -> tuple[int, ...]:
+    """Byte offset of each sample's first member header in a WebDataset tar, from a pass
+    over its headers (seeking past the members' data): where it can be split."""
+    offsets, key = [], None
+    with fs.open_input_file(shard) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+        for member in tar:
+            k, ext = wds_member(member.name)
+            if member.isfile() and k != key:
+                offsets.append(member.offset)
+                key = k
+    return tuple(offsets)
+
+
 def wds_member(name: str) -> tuple[str, str]:
     """(sample key, extension) of a WebDataset tar member: the key is the member's path up
     to the first dot of its basename, as WebDataset groups a sample's files."""
@@ -412,15 +433,24 @@ def parquet_samples(fs: pafs.FileSystem, shard: str, batch_size: int, part: int 
 
 
 def tar_samples(fs: pafs.FileSystem, shard: str, expected: int | None = None, retry: Retry = Retry(),
-                max_bytes: int | None = None):
-    """Samples of a WebDataset tar: consecutive members grouped by `wds_member` key. A
-    transient storage error mid-shard reopens it (after a backoff) and skips the samples
-    already given; a shard that is damaged or ends early ends there, its samples short of
-    `expected` (its listed count) lost; an image member over `max_bytes` is lost unread."""
+                max_bytes: int | None = None, offset: int = 0, limit: int | None = None):
+    """Samples of a WebDataset tar: consecutive members grouped by `wds_member` key; with
+    `offset` and `limit`, the `limit` samples from the one whose first header is at byte
+    `offset` (a range from `tar_offsets`). A transient storage error mid-shard reopens it
+    (after a backoff) and skips the samples already given; a shard that is damaged or ends
+    early ends there, its samples short of `expected` (its listed count) lost; an image
+    member over `max_bytes` is lost unread."""
     given = 0
 
+    def stream():
+        if not offset:
+            return fs.open_input_stream(shard)
+        f = fs.open_input_file(shard)
+        f.seek(offset)
+        return f
+
     def samples(skip: int):
-        key, sample = None, {}
+        key, sample, done = None, {}, 0  # done: samples of the range passed (skipped or given)
 
         def emit():
             data = next((sample[k] for k in WDS_IMAGE_KEYS if k in sample), b"")
@@ -430,7 +460,7 @@ def tar_samples(fs: pafs.FileSystem, shard: str, expected: int | None = None, re
                 label = -1
             return data, label, f"{shard}:{key}"
 
-        with fs.open_input_stream(shard) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        with stream() as f, tarfile.open(fileobj=f, mode="r|") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -440,6 +470,9 @@ def tar_samples(fs: pafs.FileSystem, shard: str, expected: int | None = None, re
                         skip -= 1
                     else:
                         yield emit()
+                    done += 1
+                    if limit is not None and done >= limit:
+                        return  # the next sample is the next range's
                     sample = {}
                 key = k
                 if ext in WDS_IMAGE_KEYS and max_bytes is not None and member.size > max_bytes:

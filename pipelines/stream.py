@@ -14,6 +14,7 @@ epoch's length stay whole. Each read task adds its count to the job's skip count
 else that fails in a read task is a DataError naming its unit: it ends the run once.
 """
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import ray
@@ -23,11 +24,12 @@ from cluster import ray_compat
 from mae.transforms import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, REGION_DECODE, decode_crop_batch
 from pipelines.config import DataConfig
 from pipelines.console import forward_to_driver
-from pipelines.reading import (DataError, Retry, Source, imagefolder_samples, parquet_parts, parquet_samples, part_rows,
-                               tar_samples)
+from pipelines.reading import (DataError, Retry, Source, imagefolder_samples, parquet_parts, parquet_row_groups,
+                               parquet_samples, part_rows, tar_offsets, tar_samples)
 from pipelines.skips import skip_counter
 
 logger = logging.getLogger(__name__)
+UNITS_PER_DECODER = 4  # read units per decode task allowed to run, at the least: a short tail
 
 
 def image_stream(source: Source, data: DataConfig, input_size: int, seed: int, reserved_cpus: float = 0.0,
@@ -50,7 +52,7 @@ def image_stream(source: Source, data: DataConfig, input_size: int, seed: int, r
     if augment and not REGION_DECODE:
         logger.warning("mae_jpeg_region is not built (setup.py: needs a C compiler and libjpeg's headers, "
                        "Debian's libjpeg62-turbo-dev): JPEGs are decoded whole, which is slower")
-    datasource = ImageDatasource(source, data, input_size, seed, augment, skip_counter(), console)
+    datasource = ImageDatasource(source, data, input_size, seed, augment, skip_counter(), console, concurrency)
     ds = ray.data.read_datasource(datasource, num_cpus=data.decode_cpus, concurrency=concurrency,
                                   override_num_blocks=datasource.num_tasks())  # blocks of batch_size, unsplit
     block_bytes = data.decode_batch_size * input_size * input_size * 3
@@ -136,13 +138,22 @@ class ImageDatasource(ray.data.Datasource):
     """A source's images, read and decoded in the same Ray task (see `image_stream`)."""
 
     def __init__(self, source: Source, data: DataConfig, size: int, seed: int, augment: bool, counter,
-                 console: bool = False):
+                 console: bool = False, decoders: int = 1):
         self.source, self.size, self.seed, self.augment, self.counter = source, size, seed, augment, counter
         self.console = console
         self.batch_size, self.files_per_task = data.decode_batch_size, data.read_files_per_task
         self.cpus = data.decode_cpus
         self.max_pixels, self.max_bytes = data.max_pixels, data.max_image_bytes
         self.retry = Retry(data.read_retries, data.retry_backoff_seconds)
+        # Enough read units for every decoder, and to balance the tail of an epoch: with fewer
+        # shards than that, shards are split where they can be (row groups; tar samples, from
+        # a pass over the headers, done once here on the driver).
+        self.target = UNITS_PER_DECODER * max(1, decoders)
+        self.splits = None
+        if source.format != "imagefolder" and len(source.files) < self.target:
+            split = parquet_row_groups if source.format == "parquet" else tar_offsets
+            with ThreadPoolExecutor(16) as pool:
+                self.splits = tuple(pool.map(lambda shard: split(source.fs, shard), source.files))
 
     def estimate_inmemory_data_size(self) -> int:
         return self.source.num_images * self.size * self.size * 3
@@ -151,29 +162,41 @@ class ImageDatasource(ray.data.Datasource):
         return f"DecodeCrop({self.source.format})"
 
     def num_tasks(self) -> int:
-        src = self.source
-        if src.format == "imagefolder":
-            return -(-len(src.files) // self.files_per_task)
-        if src.format == "parquet":
-            return sum(parquet_parts(c, self.files_per_task) for c in src.counts)
-        return len(src.files)
+        return len(self.read_units(np.random.default_rng(0)))
 
     def read_units(self, rng: np.random.Generator) -> list[tuple]:
         """(unit, images) of each read task, in this execution's order. A unit is a list of
         (path, label) (imagefolder), a (shard, part, parts) run of a Parquet shard's row
-        groups, or a tar shard (read start to end by one task)."""
+        groups, a tar shard (read start to end), or a (shard, offset, samples) run of a tar's
+        samples. At most `read_files_per_task` images each, and at least `target` units
+        where the data can be split that far."""
         src, per_task = self.source, self.files_per_task
         if src.format == "imagefolder":
+            per_task = max(1, min(per_task, -(-len(src.files) // self.target)))
             order = rng.permutation(len(src.files))
             units = [[(src.files[i], src.labels[i]) for i in order[k:k + per_task]]
                      for k in range(0, len(order), per_task)]
             return [(u, len(u)) for u in units]
-        if src.format == "parquet":
-            parts = [parquet_parts(n, per_task) for n in src.counts]
-            pieces = [((shard, k, p), part_rows(n, k, p)) for shard, n, p in zip(src.files, src.counts, parts)
-                      for k in range(p)]
-            return [pieces[i] for i in rng.permutation(len(pieces))]
-        return [(src.files[i], src.counts[i]) for i in rng.permutation(len(src.files))]
+        wanted = -(-self.target // len(src.files))  # units per shard
+        pieces = []
+        for i, (shard, n) in enumerate(zip(src.files, src.counts)):
+            if src.format == "parquet":
+                if self.splits is None:
+                    parts = parquet_parts(n, per_task)
+                    pieces += [((shard, k, parts), part_rows(n, k, parts)) for k in range(parts)]
+                    continue
+                groups = self.splits[i]
+                parts = max(1, min(len(groups), max(parquet_parts(n, per_task), wanted)))
+                pieces += [((shard, k, parts), sum(groups[k * len(groups) // parts:(k + 1) * len(groups) // parts]))
+                           for k in range(parts)]
+            elif self.splits is None:
+                pieces.append((shard, n))
+            else:
+                offsets = self.splits[i]
+                parts = max(1, min(len(offsets), max(-(-n // per_task), wanted)))
+                bounds = [k * len(offsets) // parts for k in range(parts + 1)]
+                pieces += [((shard, offsets[a], b - a), b - a) for a, b in zip(bounds, bounds[1:]) if b > a]
+        return [pieces[i] for i in rng.permutation(len(pieces))]
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list:
         from ray.data.block import BlockAccessor, BlockMetadata
@@ -189,6 +212,9 @@ class ImageDatasource(ray.data.Datasource):
                 return imagefolder_samples(fs, *map(list, zip(*unit)), retry=retry, max_bytes=max_bytes)
             if fmt == "parquet":
                 return parquet_samples(fs, unit[0], batch, unit[1], unit[2], expected=n, retry=retry)
+            if isinstance(unit, tuple):  # a run of a tar's samples
+                return tar_samples(fs, unit[0], expected=n, retry=retry, max_bytes=max_bytes, offset=unit[1],
+                                   limit=unit[2])
             return tar_samples(fs, unit, expected=n, retry=retry, max_bytes=max_bytes)
 
         def read(unit, n: int):
@@ -222,8 +248,8 @@ class ImageDatasource(ray.data.Datasource):
                 yield last
 
         def files(unit) -> tuple[str, ...]:
-            return tuple(path for path, _ in unit) if fmt == "imagefolder" else (unit[0],) if fmt == "parquet" \
-                else (unit,)
+            return tuple(path for path, _ in unit) if fmt == "imagefolder" else (unit[0],) \
+                if isinstance(unit, tuple) else (unit,)
 
         return [ReadTask(lambda unit=unit, n=n: read(unit, n),
                          BlockMetadata(num_rows=n, size_bytes=n * size * size * 3, exec_stats=None,
