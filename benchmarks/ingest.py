@@ -1,7 +1,7 @@
 """Does our Ray Data stream feed more images per second than a plain PyTorch DataLoader?
 
     python benchmarks/ingest.py --data DIR [--format imagefolder|webdataset|parquet]
-        [--baseline-data IMAGEFOLDER] [--seconds 20] [--cpus N] [--s3-endpoint URL]
+        [--baseline-data IMAGEFOLDER] [--seconds 20] [--cpus N] [--s3-endpoint URL] [--epochs N]
 
 On the same machine, the same number of CPUs and in one process, it measures:
   (a) the baseline: `torch.utils.data.DataLoader` (num_workers = CPUs, shuffled, batch 64)
@@ -13,6 +13,12 @@ On the same machine, the same number of CPUs and in one process, it measures:
 Each side runs `--seconds` after its first batch (start-up is not counted; epochs are
 restarted as training restarts them). Last line: JSON with `baseline_images_per_sec`,
 `ours_images_per_sec` and `ratio` = ours / baseline.
+
+With `--epochs N` it also runs our stream over N whole epochs (after one more to warm up)
+and reports `epochs_images_per_sec`, the images of those epochs over their wall time,
+boundaries included, `steady_images_per_sec`, the rate inside epochs (from each epoch's
+first batch to its last), and `epochs_ratio` = the first / the second: what epoch
+boundaries cost.
 """
 import argparse
 import json
@@ -50,6 +56,26 @@ def timed(batches, seconds: float) -> float:
             raise SystemExit("error: an epoch gave no batch: fewer images than --batch")
 
 
+def whole_epochs(batches, epochs: int) -> tuple[float, float]:
+    """(images/s over `epochs` whole epochs of `batches()`, boundaries included; images/s
+    inside them, from each epoch's first batch to its last), after one epoch to warm up."""
+    for _ in batches():
+        pass
+    images, inside, inside_seconds, t0 = 0, 0, 0.0, time.perf_counter()
+    for _ in range(epochs):
+        first = last = None
+        for batch in batches():
+            last = time.perf_counter()
+            if first is None:
+                first = last
+            else:
+                inside += len(batch)
+            images += len(batch)
+        if first is not None:
+            inside_seconds += last - first
+    return images / (time.perf_counter() - t0), inside / max(inside_seconds, 1e-9)
+
+
 def baseline(root: str, cpus: int, seconds: float, batch: int, size: int) -> float:
     from torchvision import datasets, transforms
 
@@ -62,7 +88,8 @@ def baseline(root: str, cpus: int, seconds: float, batch: int, size: int) -> flo
     return timed(lambda: (images for images, _ in loader), seconds)
 
 
-def ours(data: str, fmt: str, cpus: int, seconds: float, batch: int, size: int, endpoint: str | None) -> float:
+def ours(data: str, fmt: str, cpus: int, seconds: float, batch: int, size: int, endpoint: str | None,
+         epochs: int = 0) -> tuple[float, tuple[float, float] | None]:
     import ray
 
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False,
@@ -80,7 +107,7 @@ def ours(data: str, fmt: str, cpus: int, seconds: float, batch: int, size: int, 
                                            dtypes={"image": torch.uint8, "label": torch.int64, "skipped": torch.int8}):
                 buffer = normalize_on_device(b["image"], device, out=buffer)
                 yield buffer
-        return timed(epoch, seconds)
+        return timed(epoch, seconds), whole_epochs(epoch, epochs) if epochs else None
     finally:
         import gc
         gc.collect()  # the closed iterators' prefetch threads end before the runtime does
@@ -98,6 +125,7 @@ def main():
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--input-size", type=int, default=224)
     ap.add_argument("--s3-endpoint", help="endpoint of an S3-compatible store holding --data")
+    ap.add_argument("--epochs", type=int, default=0, help="also time this many whole epochs of our stream")
     args = ap.parse_args()
     base_root = args.baseline_data or args.data
     if args.format != "imagefolder" and not args.baseline_data:
@@ -106,10 +134,17 @@ def main():
 
     base = baseline(base_root, args.cpus, args.seconds, args.batch, args.input_size)
     print(f"(a) DataLoader, {args.cpus} workers, PIL transforms ({base_root}): {base:8.1f} images/s")
-    mine = ours(args.data, args.format, args.cpus, args.seconds, args.batch, args.input_size, args.s3_endpoint)
+    mine, epochs = ours(args.data, args.format, args.cpus, args.seconds, args.batch, args.input_size,
+                        args.s3_endpoint, args.epochs)
     print(f"(b) Ray Data stream, {args.cpus} CPUs ({args.format}, {args.data}):     {mine:8.1f} images/s"
           f" ({'crop-region' if REGION_DECODE else 'whole-image'} JPEG decoding)")
-    print(json.dumps({"baseline_images_per_sec": base, "ours_images_per_sec": mine, "ratio": mine / base}))
+    result = {"baseline_images_per_sec": base, "ours_images_per_sec": mine, "ratio": mine / base}
+    if epochs:
+        whole, steady = epochs
+        print(f"(c) {args.epochs} whole epochs of (b): {whole:8.1f} images/s, boundaries included; "
+              f"{steady:8.1f} inside epochs")
+        result.update(epochs_images_per_sec=whole, steady_images_per_sec=steady, epochs_ratio=whole / steady)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

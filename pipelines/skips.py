@@ -1,5 +1,6 @@
 """The count of images the stream skipped (undecodable, unreadable, lost with a damaged
-shard), exact whatever batch they would have fallen in.
+shard), exact whatever batch they would have fallen in, with the images it decoded and the
+seconds its decode tasks spent on them (for the decode rate per CPU in each epoch's line).
 
 Rows cannot carry it: the last partial batch of an epoch is dropped, an equal split drops
 rows, and a lost shard yields no rows at all. So each read task adds its count to one
@@ -14,15 +15,17 @@ import ray
 @ray.remote(num_cpus=0)
 class SkipCounter:
     def __init__(self):
-        self.count = 0
+        self.counts = {"skipped": 0, "decoded": 0, "decode_seconds": 0.0}
 
-    def add(self, n: int) -> None:
-        self.count += n
+    def add(self, skipped: int, decoded: int = 0, seconds: float = 0.0) -> None:
+        self.counts["skipped"] += skipped
+        self.counts["decoded"] += decoded
+        self.counts["decode_seconds"] += seconds
 
-    def take(self) -> int:
-        """The count since the last take, reset to 0."""
-        n, self.count = self.count, 0
-        return n
+    def take(self) -> dict:
+        """The counts since the last take, reset to 0."""
+        counts, self.counts = self.counts, {"skipped": 0, "decoded": 0, "decode_seconds": 0.0}
+        return counts
 
 
 def skip_counter():

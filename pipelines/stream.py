@@ -14,6 +14,8 @@ epoch's length stay whole. Each read task adds its count to the job's skip count
 else that fails in a read task is a DataError naming its unit: it ends the run once.
 """
 import logging
+import tarfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -49,9 +51,6 @@ def image_stream(source: Source, data: DataConfig, input_size: int, seed: int, r
     concurrency = data.decode_concurrency
     if concurrency is None:
         concurrency = max(1, int((resources.get("CPU", 1) - reserved_cpus) // data.decode_cpus))
-    if augment and not REGION_DECODE:
-        logger.warning("mae_jpeg_region is not built (setup.py: needs a C compiler and libjpeg's headers, "
-                       "Debian's libjpeg62-turbo-dev): JPEGs are decoded whole, which is slower")
     datasource = ImageDatasource(source, data, input_size, seed, augment, skip_counter(), console, concurrency)
     ds = ray.data.read_datasource(datasource, num_cpus=data.decode_cpus, concurrency=concurrency,
                                   override_num_blocks=datasource.num_tasks())  # blocks of batch_size, unsplit
@@ -66,6 +65,19 @@ def image_stream(source: Source, data: DataConfig, input_size: int, seed: int, r
     ray_compat.use_backpressure_policies(ds.context, [DecodeAhead])
     ds.context.set_config(DecodeAhead.CONFIG_KEY, (max(ahead_bytes, block_bytes), block_bytes))
     return ds
+
+
+_warned_whole_image = False
+
+
+def warn_whole_image_decode() -> None:
+    """Once per decode worker process whose node lacks the region decoder: say so."""
+    global _warned_whole_image
+    if not REGION_DECODE and not _warned_whole_image:
+        _warned_whole_image = True
+        logger.warning("mae_jpeg_region is not built on %s (setup.py: needs a C compiler and libjpeg's headers, "
+                       "Debian's libjpeg62-turbo-dev): this decoder decodes JPEGs whole, which is slower",
+                       ray.util.get_node_ip_address())
 
 
 def decode_batch(blobs: list, labels: list, names: list, size: int, augment: bool = True,
@@ -151,9 +163,22 @@ class ImageDatasource(ray.data.Datasource):
         self.target = UNITS_PER_DECODER * max(1, decoders)
         self.splits = None
         if source.format != "imagefolder" and len(source.files) < self.target:
-            split = parquet_row_groups if source.format == "parquet" else tar_offsets
             with ThreadPoolExecutor(16) as pool:
-                self.splits = tuple(pool.map(lambda shard: split(source.fs, shard), source.files))
+                self.splits = tuple(pool.map(self._split_points, source.files, source.counts))
+
+    def _split_points(self, shard: str, count: int) -> tuple[int, ...] | None:
+        """Rows per row group (Parquet) or each sample's offset (tar) of a shard; None where
+        the shard does not agree with its count (damaged: it is then read whole, and its
+        reader counts what it lacks)."""
+        try:
+            if self.source.format == "parquet":
+                groups = parquet_row_groups(self.source.fs, shard)
+                return groups if sum(groups) == count else None
+            offsets = tar_offsets(self.source.fs, shard)
+            return offsets if len(offsets) == count else None
+        except (OSError, ValueError, tarfile.TarError, EOFError) as e:
+            logger.warning("%s is read whole, not split: %s", shard, " ".join(str(e).split()))
+            return None
 
     def estimate_inmemory_data_size(self) -> int:
         return self.source.num_images * self.size * self.size * 3
@@ -180,19 +205,20 @@ class ImageDatasource(ray.data.Datasource):
         wanted = -(-self.target // len(src.files))  # units per shard
         pieces = []
         for i, (shard, n) in enumerate(zip(src.files, src.counts)):
+            split = self.splits[i] if self.splits is not None else None
             if src.format == "parquet":
-                if self.splits is None:
+                if split is None:
                     parts = parquet_parts(n, per_task)
                     pieces += [((shard, k, parts), part_rows(n, k, parts)) for k in range(parts)]
                     continue
-                groups = self.splits[i]
+                groups = split
                 parts = max(1, min(len(groups), max(parquet_parts(n, per_task), wanted)))
                 pieces += [((shard, k, parts), sum(groups[k * len(groups) // parts:(k + 1) * len(groups) // parts]))
                            for k in range(parts)]
-            elif self.splits is None:
+            elif split is None:
                 pieces.append((shard, n))
             else:
-                offsets = self.splits[i]
+                offsets = split
                 parts = max(1, min(len(offsets), max(-(-n // per_task), wanted)))
                 bounds = [k * len(offsets) // parts for k in range(parts + 1)]
                 pieces += [((shard, offsets[a], b - a), b - a) for a, b in zip(bounds, bounds[1:]) if b > a]
@@ -222,11 +248,16 @@ class ImageDatasource(ray.data.Datasource):
             torch.set_num_threads(threads)  # one decoder per CPU it holds; no oversubscription
             if console:
                 forward_to_driver(f"decoding on {ray.util.get_node_ip_address()}")
-            skipped = 0
+            if augment:
+                warn_whole_image_decode()
+            skipped, decoded, seconds = 0, 0, 0.0
 
             def block(chunk):  # None when no image of the chunk decodes
-                nonlocal skipped
+                nonlocal skipped, decoded, seconds
+                t0 = time.perf_counter()
                 columns = decode_batch(*map(list, zip(*chunk)), size, augment, max_pixels, max_bytes)
+                seconds += time.perf_counter() - t0
+                decoded += len(chunk)
                 skipped += len(chunk) - int((columns["skipped"] == 0).sum())
                 return BlockAccessor.batch_to_block(columns) if len(columns["label"]) else None
 
@@ -242,8 +273,7 @@ class ImageDatasource(ray.data.Datasource):
             except Exception as e:
                 raise DataError(f"reading {files(unit)[0]}{' and more' if len(files(unit)) > 1 else ''}: "
                                 f"{type(e).__name__}: {e}") from e
-            if skipped:  # counted before the last block leaves: see pipelines/skips.py
-                ray.get(counter.add.remote(skipped))
+            ray.get(counter.add.remote(skipped, decoded, seconds))  # before the last block leaves: skips.py
             if last is not None:
                 yield last
 

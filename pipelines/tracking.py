@@ -21,7 +21,8 @@ from cluster.storage import Storage
 logger = logging.getLogger("mae.train")
 
 RECORD = "mlflow.json"
-EPOCH_METRICS = ("train_loss", "train_lr", "images_per_sec", "epoch_seconds", "skipped_images", "steps")
+EPOCH_METRICS = ("train_loss", "train_lr", "images_per_sec", "epoch_seconds", "skipped_images", "steps",
+                 "decoded_images", "decode_images_per_cpu_sec")
 
 
 def flatten(config: dict) -> dict[str, str]:

@@ -226,8 +226,10 @@ def train(config: dict) -> None:
         t0 = time.perf_counter()
         log = train_one_epoch(loop, state, batches, epoch)
         seconds = time.perf_counter() - t0
+        stream = {}
         if worker.is_chief:  # every read task of the epoch has ended: see pipelines/skips.py
-            log.skipped = ray.get(counter.take.remote())
+            stream = ray.get(counter.take.remote())
+            log.skipped = stream["skipped"]
         if not log.synced and state.iteration < sched.steps_per_epoch * sched.accum_iter:
             raise FatalError(f"epoch {epoch}: the stream gave too few images for one step of "
                              f"{sched.images_per_step}; {log.skipped if worker.is_chief else 'some'} images were "
@@ -237,6 +239,9 @@ def train(config: dict) -> None:
                    "train_lr": log.lrs[-1] if log.lrs else 0.0, "steps": len(log.synced),
                    "images_per_sec": len(log.synced) * sched.images_per_step / seconds,
                    "epoch_seconds": seconds, "skipped_images": log.skipped}
+        if stream.get("decode_seconds"):  # rank 0: what the decoders did for this epoch
+            metrics["decoded_images"] = stream["decoded"]
+            metrics["decode_images_per_cpu_sec"] = stream["decoded"] / (stream["decode_seconds"] * cfg.data.decode_cpus)
         reporter.epoch_end(state, metrics, log)
     if worker.is_chief and reporter.run_log.tracker is not None:
         reporter.run_log.tracker.finish()
@@ -426,8 +431,10 @@ class Reporter:
         if self.worker.is_chief:
             png = self.figures.reconstructions(state.model, metrics["epoch"])
             self.run_log.flush(metrics, log.records(state.step), png)
-            logger.info("epoch %d done: train_loss %.4f  lr %.3e  images/s %.1f", metrics["epoch"],
-                        metrics["train_loss"], metrics["train_lr"], metrics["images_per_sec"])
+            logger.info("epoch %d done: train_loss %.4f  lr %.3e  images/s %.1f  decoded %d (%d skipped), "
+                        "%.0f images/s per decode CPU", metrics["epoch"], metrics["train_loss"], metrics["train_lr"],
+                        metrics["images_per_sec"], metrics.get("decoded_images", 0), metrics["skipped_images"],
+                        metrics.get("decode_images_per_cpu_sec", 0.0))
         self._report(state, metrics)
 
     def mid_epoch(self, state: State, metrics: dict, log: EpochLog) -> None:

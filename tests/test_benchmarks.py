@@ -1,8 +1,11 @@
 """The benchmark scripts run and print their JSON line (figures are not asserted here)."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -14,3 +17,15 @@ def test_train_step_benchmark_prints_ratio_and_flops():
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert {"reference_images_per_sec", "ours_images_per_sec", "ratio", "mfu"} <= result.keys()
     assert result["ratio"] > 0 and 0 < result["mfu"] < 1
+
+
+@pytest.mark.slow
+def test_ingest_benchmark_reports_the_cost_of_epoch_boundaries(digits):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the benchmark starts its own Ray
+    out = subprocess.run([sys.executable, "benchmarks/ingest.py", "--data", str(digits), "--cpus", "2",
+                          "--seconds", "2", "--epochs", "2", "--batch", "32", "--input-size", "32"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["epochs_ratio"] == pytest.approx(result["epochs_images_per_sec"] / result["steady_images_per_sec"])
+    assert 0 < result["epochs_images_per_sec"] and 0 < result["ratio"]

@@ -20,3 +20,15 @@ def test_decode_step_draws_fresh_crops_each_call(digits):
     b = decode_batch([data] * 8, [0] * 8, ["x"] * 8, 16)["image"]
     assert a.shape == (8, 16, 16, 3) and a.dtype == np.uint8
     assert not np.array_equal(a, b)
+
+
+def test_a_decoder_without_the_region_module_says_so_once(monkeypatch, caplog):
+    import logging
+
+    from pipelines import stream
+    monkeypatch.setattr(stream, "REGION_DECODE", False)  # as on a node where setup.py found no libjpeg headers
+    monkeypatch.setattr(stream, "_warned_whole_image", False)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            stream.warn_whole_image_decode()
+    assert caplog.text.count("mae_jpeg_region is not built on") == 1

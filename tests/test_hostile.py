@@ -317,6 +317,8 @@ def test_hostile_data_is_skipped_and_counted_exactly_every_epoch(ray_cluster, tm
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metrics = read_jsonl(tmp_path / "hostile" / "metrics.jsonl")
     assert [m["skipped_images"] for m in metrics] == [skipped, skipped]
+    assert [m["decoded_images"] for m in metrics] == [100, 100]  # every sample the shards promised
+    assert all(m["decode_images_per_cpu_sec"] > 0 for m in metrics)
     assert len(read_jsonl(tmp_path / "hostile" / "attempts.jsonl")) == 1  # nothing restarted
 
 
