@@ -30,10 +30,16 @@ class ConsoleLines:
         return lines
 
 
+_handles: dict = {}
+
+
 def console_lines():
-    """This Ray job's console actor (created by the first caller: the driver)."""
+    """This Ray job's console actor (created by the first caller: the driver), its handle
+    kept for the life of this process (see skips.skip_counter)."""
     name = f"mae-console-{ray.get_runtime_context().get_job_id()}"
-    return ConsoleLines.options(name=name, get_if_exists=True).remote()
+    if name not in _handles:
+        _handles[name] = ConsoleLines.options(name=name, get_if_exists=True).remote()
+    return _handles[name]
 
 
 class ForwardToDriver(logging.Handler):

@@ -28,7 +28,15 @@ class SkipCounter:
         return counts
 
 
+_handles: dict = {}
+
+
 def skip_counter():
-    """This Ray job's counter (created by the first caller: the driver, in `image_stream`)."""
+    """This Ray job's counter (created by the first caller: the driver, in `image_stream`).
+    The handle is kept for the life of this process: a named actor whose handles are all
+    dropped dies, and a later `get_if_exists` could return it dying (a read task's `add`
+    then fails with ActorDiedError)."""
     name = f"mae-skipped-images-{ray.get_runtime_context().get_job_id()}"
-    return SkipCounter.options(name=name, get_if_exists=True).remote()
+    if name not in _handles:
+        _handles[name] = SkipCounter.options(name=name, get_if_exists=True).remote()
+    return _handles[name]
