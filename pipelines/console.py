@@ -33,13 +33,20 @@ class ConsoleLines:
 _handles: dict = {}
 
 
-def console_lines():
-    """This Ray job's console actor (created by the first caller: the driver), its handle
-    kept for the life of this process (see skips.skip_counter)."""
-    name = f"mae-console-{ray.get_runtime_context().get_job_id()}"
+def job_actor(actor_class, prefix: str):
+    """This Ray job's one actor of `actor_class`, named `<prefix>-<job id>` (created by the
+    first caller: the driver). The handle is kept for the life of this process: a named
+    actor whose handles are all dropped dies, and a later `get_if_exists` could return it
+    dying (a call on it then fails with ActorDiedError)."""
+    name = f"{prefix}-{ray.get_runtime_context().get_job_id()}"
     if name not in _handles:
-        _handles[name] = ConsoleLines.options(name=name, get_if_exists=True).remote()
+        _handles[name] = actor_class.options(name=name, get_if_exists=True).remote()
     return _handles[name]
+
+
+def console_lines():
+    """This Ray job's console actor."""
+    return job_actor(ConsoleLines, "mae-console")
 
 
 class ForwardToDriver(logging.Handler):

@@ -11,6 +11,8 @@ waits for all splits), which rank 0 does after taking the count.
 """
 import ray
 
+from pipelines.console import job_actor
+
 
 @ray.remote(num_cpus=0)
 class SkipCounter:
@@ -28,15 +30,6 @@ class SkipCounter:
         return counts
 
 
-_handles: dict = {}
-
-
 def skip_counter():
-    """This Ray job's counter (created by the first caller: the driver, in `image_stream`).
-    The handle is kept for the life of this process: a named actor whose handles are all
-    dropped dies, and a later `get_if_exists` could return it dying (a read task's `add`
-    then fails with ActorDiedError)."""
-    name = f"mae-skipped-images-{ray.get_runtime_context().get_job_id()}"
-    if name not in _handles:
-        _handles[name] = SkipCounter.options(name=name, get_if_exists=True).remote()
-    return _handles[name]
+    """This Ray job's counter (created by the first caller: the driver, in `image_stream`)."""
+    return job_actor(SkipCounter, "mae-skipped-images")
