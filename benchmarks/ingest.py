@@ -9,7 +9,8 @@ On the same machine, the same number of CPUs and in one process, it measures:
       paper's PIL transforms: RandomResizedCrop(224, scale=(0.2, 1.0), bicubic), flip,
       ToTensor, Normalize;
   (b) ours: the training stream of pipelines/stream.py over `--data` in `--format`,
-      consumed as a train worker consumes it: `iter_torch_batches`, then normalisation.
+      consumed as a train worker consumes it: epoch after epoch from `EpochStreams` (the
+      next epoch decoding while this one ends), `iter_torch_batches`, then normalisation.
 Each side runs `--seconds` after its first batch (start-up is not counted; epochs are
 restarted as training restarts them). Last line: JSON with `baseline_images_per_sec`,
 `ours_images_per_sec` and `ratio` = ours / baseline.
@@ -21,6 +22,7 @@ first batch to its last), and `epochs_ratio` = the first / the second: what epoc
 boundaries cost.
 """
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -34,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mae.transforms import IMAGENET_MEAN, IMAGENET_STD, REGION_DECODE, normalize_on_device  # noqa: E402
 from pipelines.config import DataConfig  # noqa: E402
 from pipelines.reading import open_source  # noqa: E402
-from pipelines.stream import image_stream  # noqa: E402
+from pipelines.skips import skip_counter  # noqa: E402
+from pipelines.stream import EpochStreams, training_stream  # noqa: E402
 
 
 def timed(batches, seconds: float) -> float:
@@ -96,18 +99,23 @@ def ours(data: str, fmt: str, cpus: int, seconds: float, batch: int, size: int, 
              object_store_memory=min(2 * 2**30, 300 * 2**20 * cpus))
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
-        ds = image_stream(open_source(fmt, data, endpoint), DataConfig(), size, seed=0)
-        device = torch.device("cpu")
-
+        lanes = training_stream(open_source(fmt, data, endpoint), DataConfig(), size, seed=0)
+        streams = EpochStreams(lanes.datasets, lanes.key, skip_counter(), plans=True, batch_size=batch,
+                               drop_last=True, prefetch_batches=4,
+                               dtypes={"image": torch.uint8, "label": torch.int64, "skipped": torch.int8})
+        device, epochs_started = torch.device("cpu"), itertools.count()
         buffer = None  # the train loop reuses its input tensor on the CPU, as here
 
-        def epoch():
+        def epoch():  # the next epoch, as the train loop reads it: the one after it starts ahead
             nonlocal buffer
-            for b in ds.iter_torch_batches(batch_size=batch, drop_last=True, prefetch_batches=4,
-                                           dtypes={"image": torch.uint8, "label": torch.int64, "skipped": torch.int8}):
+            e = next(epochs_started)
+            for b in streams.epoch(e, 0, e + 1):
                 buffer = normalize_on_device(b["image"], device, out=buffer)
                 yield buffer
-        return timed(epoch, seconds), whole_epochs(epoch, epochs) if epochs else None
+        try:
+            return timed(epoch, seconds), whole_epochs(epoch, epochs) if epochs else None
+        finally:
+            streams.close()
     finally:
         import gc
         gc.collect()  # the closed iterators' prefetch threads end before the runtime does

@@ -61,6 +61,7 @@ def ray_loop(cfg, images: np.ndarray) -> list[float]:
     """Epoch wall times of the same steps through pipelines/pretrain.py's trainer."""
     import ray
     from pipelines.pretrain import build_trainer
+    from pipelines.stream import Lanes
 
     ray.init(num_cpus=max(2, int(cfg.scaling.cpus_per_worker) + 1), include_dashboard=False,
              object_store_memory=512 * 2**20, log_to_driver=False)
@@ -71,7 +72,7 @@ def ray_loop(cfg, images: np.ndarray) -> list[float]:
         buf = io.BytesIO()
         Image.fromarray(img).save(buf, format="PNG")
         held_out.append(buf.getvalue())
-    build_trainer(cfg, dataset, len(images), held_out).fit()
+    build_trainer(cfg, Lanes((dataset, dataset), "ray-overhead"), len(images), held_out).fit()
     ray.shutdown()
     metrics = read_jsonl(cfg.run_storage(), "metrics.jsonl")
     return [m["epoch_seconds"] for m in metrics]

@@ -36,7 +36,7 @@ from ray.data._internal.execution.operators.map_operator import MapOperator  # n
 # runs on every worker before `init_process_group`.
 from ray.train.torch.config import _TorchBackend as TorchBackend  # noqa: E402
 
-__all__ = ["BackpressurePolicy", "TorchBackend", "concurrency_cap", "execution_index", "is_map_operator",
+__all__ = ["BackpressurePolicy", "TorchBackend", "concurrency_cap", "is_map_operator",
            "output_bytes_held", "policy_config", "run_on_workers", "tasks_running", "use_backpressure_policies"]
 
 
@@ -70,20 +70,6 @@ def output_bytes_held(policy: BackpressurePolicy, op) -> int:
     """Bytes of the operator's finished output not yet taken by its consumer, including
     what downstream (the iterator's prefetch) holds (`policy._resource_manager`)."""
     return policy._resource_manager.get_mem_op_outputs(op, include_ineligible_downstream=True)
-
-
-def execution_index(data_context) -> int:
-    """How many times the dataset has been executed before (0 on the first epoch), read in
-    `Datasource.get_read_tasks` to draw each epoch's order. Public stand-in: the
-    `shuffle_seed` of Ray's file readers, which reseeds per execution with this same private
-    counter. Ray calls `get_read_tasks` without a context only to plan (count tasks)."""
-    if data_context is None:
-        return 0
-    try:
-        return data_context._execution_idx
-    except AttributeError:
-        raise RayVersionError(f"ray {ray.__version__}: DataContext has no _execution_idx, so every epoch would "
-                              f"read in the same order; supported: ray{SUPPORTED_RAY}") from None
 
 
 def run_on_workers(worker_group, fn, *args) -> list:

@@ -32,8 +32,8 @@ from pipelines.demo_data import write_digits  # noqa: E402
 from pipelines.reading import DataError, Source, open_source  # noqa: E402
 from pipelines.console import Follow  # noqa: E402
 from pipelines.run_files import ended_by, read_jsonl  # noqa: E402
-from pipelines.stream import image_stream  # noqa: E402
-from pipelines.train_loop import train_loop_per_worker  # noqa: E402
+from pipelines.stream import Lanes, training_stream  # noqa: E402
+from pipelines.train_loop import LANES, train_loop_per_worker  # noqa: E402
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, Config]:
@@ -94,15 +94,15 @@ def check_storage(cfg: Config) -> None:
         raise ConfigError(f"run.storage_path: cannot write the run directory {storage.uri}: {e}") from None
 
 
-def build_trainer(cfg: Config, dataset: ray.data.Dataset, num_images: int, held_out: list[bytes]) -> TorchTrainer:
-    """The TorchTrainer of a run over `dataset` (rows: uint8 HWC `image`, `label`,
+def build_trainer(cfg: Config, stream: Lanes, num_images: int, held_out: list[bytes]) -> TorchTrainer:
+    """The TorchTrainer of a run over `stream`'s lanes (rows: uint8 HWC `image`, `label`,
     `skipped`) of `num_images` per epoch; `held_out`: encoded images for the figures."""
     root, row, s = cfg.storage_root(), cfg.accelerator, cfg.scaling
     iters = iters_per_epoch(cfg.train, s.num_workers, num_images)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "iters_per_epoch": iters, "storage": root.child(cfg.run.name),
-                           "held_out": held_out},
+                           "stream": stream.key, "held_out": held_out},
         torch_config=AcceleratorTorchConfig(accelerator=row),
         scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=row.resource == "GPU",
                                                resources_per_worker=row.worker_resources(s.cpus_per_worker)),
@@ -110,7 +110,7 @@ def build_trainer(cfg: Config, dataset: ray.data.Dataset, num_images: int, held_
             name=cfg.run.name, storage_path=root.root, storage_filesystem=root.fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
-        datasets={"train": dataset},
+        datasets=dict(zip(LANES, stream.datasets)),
     )
 
 
@@ -170,8 +170,8 @@ def run(cfg: Config, source: Source, lease: Lease) -> int:
     except (ConfigError, PreflightError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    stream = image_stream(source, cfg.data, cfg.model.input_size, cfg.train.seed,
-                          reserved_cpus=s.num_workers * s.cpus_per_worker, console=not cfg.run.verbose)
+    stream = training_stream(source, cfg.data, cfg.model.input_size, cfg.train.seed,
+                             reserved_cpus=s.num_workers * s.cpus_per_worker, console=not cfg.run.verbose)
     run_dir = cfg.run_storage()
     try:
         with contextlib.nullcontext() if cfg.run.verbose else Follow():

@@ -5,6 +5,8 @@ The encoded bytes never cross the object store: each read task reads its unit (i
 a shard, or a run of a Parquet shard's row groups) and decodes + RandomResizedCrop + flips
 `decode_batch_size` images at a time into one block, in one Ray Data operator. Every
 execution of the dataset (every epoch) reads the units in a new order and draws new crops.
+Training reads its epochs from two such datasets in turn (`EpochStreams`), so that the next
+epoch is decoding while this one ends: the decoders never wait on an epoch boundary.
 
 An image that cannot be used (undecodable, over the pixel or byte limits, unreadable, lost
 with a damaged shard) is logged and replaced, in its place in the batch, by a fresh crop of
@@ -13,10 +15,15 @@ epoch's length stay whole. Each read task adds its count to the job's skip count
 (pipelines/skips.py), which training reads as `skipped_images` in metrics.jsonl. Anything
 else that fails in a read task is a DataError naming its unit: it ends the run once.
 """
+import copy
 import logging
 import tarfile
+import threading
 import time
+import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import ray
@@ -40,31 +47,132 @@ def image_stream(source: Source, data: DataConfig, input_size: int, seed: int, r
     data.* settings; call after ray.init. `reserved_cpus`: the CPUs the training workers
     hold, which decoding leaves alone. `augment=False` gives the evaluation view (resize +
     centre crop) instead of the random crop and flip. `console`: the decode tasks' warnings
-    go to the driver's console (pipelines/console.py), not only to their logs.
+    go to the driver's console (pipelines/console.py), not only to their logs. Each
+    execution reads the units in a new order; for training, `training_stream` gives epochs
+    without a gap between them.
 
     At most `data.decode_concurrency` decode tasks run at once (default: the cluster's CPUs
     left by the training workers / `data.decode_cpus`), and decoded crops that the consumer
     has not taken yet (queued, prefetched, or being decoded) stay under
     `data.object_store_memory` (default: three blocks per decoder and two more, at most half
     the object store); see `DecodeAhead`."""
+    return _lanes(source, data, input_size, seed, reserved_cpus, augment, console, 1).datasets[0]
+
+
+def training_stream(source: Source, data: DataConfig, input_size: int, seed: int, reserved_cpus: float = 0.0,
+                    console: bool = False, augment: bool = True) -> "Lanes":
+    """The training stream of `source` as two lanes (see `EpochStreams`): two datasets over one
+    datasource. Each lane may hold `image_stream`'s default of crops decoded ahead (at most a
+    quarter of the object store); `data.object_store_memory` bounds both together."""
+    return _lanes(source, data, input_size, seed, reserved_cpus, augment, console, 2)
+
+
+@dataclass(frozen=True)
+class Lanes:
+    """Datasets over one datasource, read in turn epoch after epoch (epoch e on lane e % 2);
+    `key`: the name their plans go under in the job's ledger (pipelines/skips.py)."""
+    datasets: tuple
+    key: str
+
+
+def _lanes(source: Source, data: DataConfig, input_size: int, seed: int, reserved_cpus: float, augment: bool,
+           console: bool, lanes: int) -> Lanes:
     resources = ray.cluster_resources()
     concurrency = data.decode_concurrency
     if concurrency is None:
         concurrency = max(1, int((resources.get("CPU", 1) - reserved_cpus) // data.decode_cpus))
     datasource = ImageDatasource(source, data, input_size, seed, augment, skip_counter(), console, concurrency)
-    ds = ray.data.read_datasource(datasource, num_cpus=data.decode_cpus, concurrency=concurrency,
-                                  override_num_blocks=datasource.num_tasks())  # blocks of batch_size, unsplit
     block_bytes = data.decode_batch_size * input_size * input_size * 3
-    ahead_bytes = data.object_store_memory
-    if ahead_bytes is None:
+    ahead_bytes = data.object_store_memory  # all lanes together
+    if ahead_bytes is None:  # the crops a lane holds ahead keep its decoders busy while it is the one trained on
         store = resources.get("object_store_memory", float("inf"))
-        ahead_bytes = int(min((3 * concurrency + 2) * block_bytes, store / 2))
-    # each decoded batch leaves its task as a block of its own, at once: by default Ray Data
-    # merges blocks up to 128 MB, and a tar shard's crops reached training in bursts
-    ds.context.target_max_block_size = block_bytes
-    ray_compat.use_backpressure_policies(ds.context, [DecodeAhead])
-    ds.context.set_config(DecodeAhead.CONFIG_KEY, (max(ahead_bytes, block_bytes), block_bytes))
-    return ds
+        ahead_bytes = int(min((3 * concurrency + 2) * block_bytes * lanes, store / 2))
+    ahead_bytes //= lanes
+    datasets = []
+    for lane in range(lanes):
+        ds = ray.data.read_datasource(datasource.lane(lane), num_cpus=data.decode_cpus, concurrency=concurrency,
+                                      override_num_blocks=datasource.num_tasks())  # blocks of batch_size, unsplit
+        # each decoded batch leaves its task as a block of its own, at once: by default Ray Data
+        # merges blocks up to 128 MB, and a tar shard's crops reached training in bursts
+        ds.context.target_max_block_size = block_bytes
+        ray_compat.use_backpressure_policies(ds.context, [DecodeAhead])
+        ds.context.set_config(DecodeAhead.CONFIG_KEY, (max(ahead_bytes, block_bytes), block_bytes))
+        datasets.append(ds)
+    return Lanes(tuple(datasets), datasource.key)
+
+
+class EpochStreams:
+    """Epoch after epoch of a training stream with no gap between them: epoch e is read from
+    lane e % 2, and once its first batch is out, epoch e+1 starts on the other lane (the
+    lane's execution begins: its read tasks decode up to its budget ahead), so the first
+    blocks of e+1 are decoded while the last of e are trained on. Each epoch stays one
+    execution of its lane: its own order and crops, its own skip count, its end where the
+    lane's iterator ends.
+
+    `lanes`: the two datasets of `training_stream`, or a train worker's shards of them
+    (anything with `iter_torch_batches`, whose keyword arguments `batches` holds). `plans`:
+    whether this process writes each epoch's plan for the lanes' read tasks (exactly one
+    process per job: rank 0); see pipelines/skips.py."""
+
+    def __init__(self, lanes, key: str, ledger, plans: bool, **batches):
+        self.lanes, self.key, self.ledger, self.plans, self.batches = lanes, key, ledger, plans, batches
+        self.ahead: _Started | None = None
+
+    def epoch(self, epoch: int, first_iteration: int = 0, following: int | None = None) -> Iterator[dict]:
+        """Epoch `epoch`'s batches (a resumed one from micro-batch `first_iteration` on: its
+        order is drawn anew); once the first is out, epoch `following` starts ahead."""
+        started = self.ahead
+        if started is None or started.epoch != epoch:
+            if started is not None:
+                raise RuntimeError(f"epoch {started.epoch} was started ahead, not epoch {epoch}")
+            started = self._start(epoch, first_iteration)
+        self.ahead = None
+        first = started.first()
+        if following is not None:
+            self.ahead = self._start(following, 0)
+        if first is not None:
+            yield first
+            yield from started.rest
+
+    def close(self) -> None:
+        """Stop the epoch started ahead, if any (its lane's execution ends)."""
+        started, self.ahead = self.ahead, None
+        if started is not None:
+            started.thread.join()
+            if started.rest is not None:
+                started.rest.close()
+
+    def _start(self, epoch: int, first_iteration: int) -> "_Started":
+        lane, started = epoch % 2, _Started(epoch)
+
+        def begin():
+            try:
+                if self.plans:
+                    ray.get(self.ledger.plan.remote(self.key, lane, epoch, first_iteration))
+                started.rest = iter(self.lanes[lane].iter_torch_batches(**self.batches))
+                started.head = next(started.rest, None)  # waits at the split's barrier, then for the first batch
+            except BaseException as e:  # raised where the epoch is read
+                started.error = e
+
+        started.thread = threading.Thread(target=begin, name=f"epoch-{epoch}-start", daemon=True)
+        started.thread.start()
+        return started
+
+
+@dataclass
+class _Started:
+    """An epoch whose lane was asked for its first batch by a thread of its own."""
+    epoch: int
+    thread: threading.Thread | None = None
+    rest: Iterator | None = None
+    head: dict | None = None
+    error: BaseException | None = None
+
+    def first(self) -> dict | None:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.head
 
 
 _warned_whole_image = False
@@ -153,6 +261,7 @@ class ImageDatasource(ray.data.Datasource):
                  console: bool = False, decoders: int = 1):
         self.source, self.size, self.seed, self.augment, self.counter = source, size, seed, augment, counter
         self.console = console
+        self.key, self.lane_index = f"stream-{uuid.uuid4().hex[:12]}", 0  # its plans in the ledger: skips.py
         self.batch_size, self.files_per_task = data.decode_batch_size, data.read_files_per_task
         self.cpus = data.decode_cpus
         self.max_pixels, self.max_bytes = data.max_pixels, data.max_image_bytes
@@ -165,6 +274,12 @@ class ImageDatasource(ray.data.Datasource):
         if source.format != "imagefolder" and len(source.files) < self.target:
             with ThreadPoolExecutor(16) as pool:
                 self.splits = tuple(pool.map(self._split_points, source.files, source.counts))
+
+    def lane(self, index: int) -> "ImageDatasource":
+        """This datasource as lane `index` of its stream (the header pass is shared)."""
+        lane = copy.copy(self)
+        lane.lane_index = index
+        return lane
 
     def _split_points(self, shard: str, count: int) -> tuple[int, ...] | None:
         """Rows per row group (Parquet) or each sample's offset (tar) of a shard; None where
@@ -228,7 +343,13 @@ class ImageDatasource(ray.data.Datasource):
         from ray.data.block import BlockAccessor, BlockMetadata
         from ray.data.datasource import ReadTask
 
-        rng = np.random.default_rng([self.seed, ray_compat.execution_index(data_context)])  # a new order every epoch
+        # The epoch this execution reads, as its consumer planned it (skips.py), which draws its
+        # order: resumed mid-epoch, the rest of the epoch is drawn anew. Unplanned (evaluation,
+        # a plain iteration), every execution draws a new order from OS entropy. Ray calls
+        # this without a context only to plan (count the tasks).
+        plan = ray.get(self.counter.planned.remote(self.key, self.lane_index)) if data_context else None
+        generation = plan[2] if plan else None
+        rng = np.random.default_rng([self.seed, plan[0], plan[1]] if plan else None if data_context else 0)
         fs, fmt, size, augment, batch = self.source.fs, self.source.format, self.size, self.augment, self.batch_size
         threads, counter, retry = max(1, int(self.cpus)), self.counter, self.retry
         max_pixels, max_bytes, console = self.max_pixels, self.max_bytes, self.console
@@ -273,7 +394,7 @@ class ImageDatasource(ray.data.Datasource):
             except Exception as e:
                 raise DataError(f"reading {files(unit)[0]}{' and more' if len(files(unit)) > 1 else ''}: "
                                 f"{type(e).__name__}: {e}") from e
-            ray.get(counter.add.remote(skipped, decoded, seconds))  # before the last block leaves: skips.py
+            ray.get(counter.add.remote(skipped, decoded, seconds, generation))  # before the last block leaves
             if last is not None:
                 yield last
 

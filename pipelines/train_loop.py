@@ -36,10 +36,12 @@ from pipelines.console import flush_to_driver, forward_to_driver
 from pipelines.errors import FatalError
 from pipelines.run_files import RunLog, end_attempt, ended_by
 from pipelines.skips import skip_counter
+from pipelines.stream import EpochStreams
 from pipelines.train_state import State, build_state, checkpoint_dict, restore, run_record, starting_checkpoint
 
 logger = logging.getLogger("mae.train")
 
+LANES = ("train_even_epochs", "train_odd_epochs")  # the datasets epochs alternate between: stream.EpochStreams
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -214,21 +216,19 @@ def train(config: dict) -> None:
                     sched.accum_iter, sched.images_per_step, sched.peak_lr, sched.steps_per_epoch)
     loop = Loop(worker, sched, step, model, reporter, Progress(sched, time.perf_counter(), state.step))
     counter = skip_counter()
-    if worker.is_chief:
-        ray.get(counter.take.remote())  # what an interrupted attempt's stream counted is not this epoch's
-    shard = ray.train.get_dataset_shard("train")
+    streams = EpochStreams([ray.train.get_dataset_shard(name) for name in LANES], config["stream"], counter,
+                           plans=worker.is_chief, batch_size=cfg.train.batch_size, drop_last=True, device="cpu",
+                           pin_memory=worker.device.type == "cuda", prefetch_batches=cfg.data.prefetch_batches,
+                           dtypes={"image": torch.uint8, "label": torch.int64, "skipped": torch.int8})
     for epoch in range(state.epoch, sched.epochs):
         torch.manual_seed(hash((cfg.train.seed, worker.rank, epoch, state.iteration)) % 2**63)  # masking noise
-        batches = shard.iter_torch_batches(batch_size=cfg.train.batch_size, drop_last=True, device="cpu",
-                                           pin_memory=worker.device.type == "cuda",
-                                           prefetch_batches=cfg.data.prefetch_batches,
-                                           dtypes={"image": torch.uint8, "label": torch.int64, "skipped": torch.int8})
+        batches = streams.epoch(epoch, state.iteration, epoch + 1 if epoch + 1 < sched.epochs else None)
         t0 = time.perf_counter()
         log = train_one_epoch(loop, state, batches, epoch)
         seconds = time.perf_counter() - t0
         stream = {}
         if worker.is_chief:  # every read task of the epoch has ended: see pipelines/skips.py
-            stream = ray.get(counter.take.remote())
+            stream = ray.get(counter.take.remote(config["stream"], epoch))
             log.skipped = stream["skipped"]
         if not log.synced and state.iteration < sched.steps_per_epoch * sched.accum_iter:
             raise FatalError(f"epoch {epoch}: the stream gave too few images for one step of "

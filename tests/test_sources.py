@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pyarrow.fs as pafs
 import pytest
+import torch
 from PIL import Image
 
 from mae.transforms import decode_rgb, eval_resize_crop
@@ -268,3 +269,57 @@ def test_one_shard_is_split_for_every_decoder_and_each_image_read_once(ray_clien
     assert len(units) >= 3 and sum(n for _, n in units) == len(source) == sum(expected(photos).values())
     counts, rows = streamed(source)
     assert counts == expected(photos) and all(r["skipped"] == 0 for r in rows)
+
+
+def epoch_streams(source, augment: bool, batch: int = 4):
+    """`EpochStreams` over `source`'s training lanes, read as the train loop reads them."""
+    from pipelines.skips import skip_counter
+    from pipelines.stream import EpochStreams, training_stream
+    data = DataConfig(decode_batch_size=batch, read_files_per_task=5)
+    lanes = training_stream(source, data, SIZE, seed=0, augment=augment)
+    return lanes.key, EpochStreams(lanes.datasets, lanes.key, skip_counter(), plans=True, batch_size=batch,
+                                   prefetch_batches=1,
+                                   dtypes={"image": torch.uint8, "label": torch.int64, "skipped": torch.int8})
+
+
+def test_the_next_epoch_decodes_while_this_one_is_read_each_with_its_own_order_and_counts(ray_client, photos,
+                                                                                          tmp_path):
+    """One epoch after another without a gap: once epoch e's first batch is out, epoch e+1's
+    read tasks decode (while e is still open); every epoch gives every image exactly once, in
+    an order of its own, and its own exact skip count; crops are new every epoch."""
+    import time
+
+    from pipelines.skips import skip_counter
+    counter = skip_counter()
+    want = expected(photos)
+    key, streams = epoch_streams(open_source("imagefolder", str(photos)), augment=False)
+    orders = []
+    for e in range(3):
+        batches = streams.epoch(e, 0, e + 1)
+        first = next(batches)
+        deadline = time.monotonic() + 120
+        while ray_client.get(counter.peek.remote(key, e + 1))["decoded"] == 0:
+            assert time.monotonic() < deadline, f"epoch {e + 1} did not start while epoch {e} was open"
+            time.sleep(0.05)
+        rows = [first, *batches]
+        order = [(int(label), hashlib.sha1(img.numpy().tobytes()).hexdigest())
+                 for b in rows for label, img in zip(b["label"], b["image"])]
+        assert collections.Counter(order) == want, e  # every image once: nothing of epoch e + 1 in it
+        counts = ray_client.get(counter.take.remote(key, e))
+        assert (counts["skipped"], counts["decoded"]) == (0, sum(want.values())) and counts["decode_seconds"] > 0
+        orders.append(order)
+    streams.close()
+    assert len({tuple(o) for o in orders}) == 3  # each epoch its own order
+
+    root = tmp_path / "broken"
+    shutil.copytree(photos, root)
+    bad = add_broken_files(root)
+    key, streams = epoch_streams(open_source("imagefolder", str(root)), augment=True)
+    crops = []
+    for e in range(2):
+        rows = list(streams.epoch(e, 0, e + 1))
+        assert sum(len(b["label"]) for b in rows) <= sum(want.values()) + bad
+        assert ray_client.get(counter.take.remote(key, e))["skipped"] == bad, e  # exact, every epoch
+        crops.append({hashlib.sha1(img.numpy().tobytes()).hexdigest() for b in rows for img in b["image"]})
+    streams.close()
+    assert not crops[0] & crops[1]  # fresh crops every epoch
