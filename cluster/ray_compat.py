@@ -32,17 +32,30 @@ from ray.data._internal.execution.backpressure_policy import (  # noqa: E402
     ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY, BackpressurePolicy)
 from ray.data._internal.execution.operators.map_operator import MapOperator  # noqa: E402
 
+# Ray Data, tested on 2.60.0. The executor's control loop waits (in `ray.wait`) only while
+# some task runs; with none running (DecodeAhead holding the decoders back, or every read
+# task done while the consumer is behind) it spins, a CPU core per waiting dataset. The
+# stream rests it (pipelines/stream.py: IdleWait). Public stand-in: the DataContext field
+# `custom_execution_callback_classes` is public, its base class is not.
+from ray.data._internal.execution.execution_callback import ExecutionCallback  # noqa: E402
+
 # Ray Train, tested on 2.60.0 (Train V2). Public stand-in: `TorchConfig` without a hook that
 # runs on every worker before `init_process_group`.
 from ray.train.torch.config import _TorchBackend as TorchBackend  # noqa: E402
 
-__all__ = ["BackpressurePolicy", "TorchBackend", "concurrency_cap", "is_map_operator",
-           "output_bytes_held", "policy_config", "run_on_workers", "tasks_running", "use_backpressure_policies"]
+__all__ = ["BackpressurePolicy", "ExecutionCallback", "TorchBackend", "concurrency_cap", "executor_tasks_running",
+           "is_map_operator", "output_bytes_held", "policy_config", "run_on_workers", "tasks_running",
+           "use_backpressure_policies"]
 
 
 def use_backpressure_policies(context: ray.data.DataContext, policies: list[type]) -> None:
     """Run `policies` instead of Ray Data's own (the private config key that lists them)."""
     context.set_config(ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY, policies)
+
+
+def executor_tasks_running(executor) -> int:
+    """Tasks running in all operators of a streaming executor (`executor._topology`)."""
+    return sum(tasks_running(op) for op in executor._topology)
 
 
 def is_map_operator(op) -> bool:

@@ -4,23 +4,30 @@ and the seconds its decode tasks spent on them (for the decode rate per CPU in e
 line); and, so that read tasks know which epoch they count for, each lane's plan.
 
 Rows cannot carry the count: the last partial batch of an epoch is dropped, an equal split
-drops rows, and a lost shard yields no rows at all. So each read task adds its count, under
-its epoch, to one ledger actor per Ray job before it hands over its last block, and rank 0
-takes an epoch's count when that epoch's iterator is exhausted: by then every read task of
-that execution has finished. Two epochs' executions overlap (pipelines/stream.py,
-`EpochStreams`), so counts are kept per epoch.
+drops rows, and a lost shard yields no rows at all. So each read task sends its count, under
+its epoch's plan and its own index, to one ledger actor per Ray job as it ends, without
+waiting for it (a read task blocked on `ray.get` frees its CPU: Ray then starts another
+worker process for a queued task and, once it idles, kills one; that churn stalled the
+stream for seconds). Rank 0 takes an epoch's count when the epoch's iterator is exhausted,
+once every read task of the epoch has reported (`epoch_counts`): the datasource tells the
+ledger how many it made. Two epochs' executions overlap (pipelines/stream.py,
+`EpochStreams`), so counts are kept per epoch; a retried read task replaces its count.
 
 A read task learns its epoch from the plan of its lane: before a consumer starts iterating
 a lane for epoch e, the one process that plans (rank 0) writes (e, first micro-batch) under
 the lane's key; the execution starts only once every consumer has asked for it
 (streaming_split waits for all splits), so the datasource reads the plan after it was
 written. Each plan gets a new generation: what the read tasks of an earlier attempt of the
-same epoch (a restarted worker group) still add is not counted.
+same epoch (a restarted worker group) still send is not counted.
 """
+import logging
+import time
+
 import ray
 
 from pipelines.console import job_actor
 
+logger = logging.getLogger(__name__)
 ZERO = {"skipped": 0, "decoded": 0, "decode_seconds": 0.0}
 
 
@@ -29,44 +36,79 @@ class SkipCounter:
     def __init__(self):
         self.plans: dict[str, tuple[int, int, int]] = {}  # lane -> (epoch, first micro-batch, generation)
         self.generation_of: dict[tuple[str, int], int] = {}  # (stream, epoch) -> its last plan's generation
-        self.counts: dict[int | None, dict] = {None: dict(ZERO)}  # generation (None: unplanned) -> counts
+        self.tasks: dict[int, dict[int, tuple]] = {}  # generation -> read task index -> its counts
+        self.expected: dict[int, int] = {}  # generation -> read tasks of the execution
+        self.unplanned = dict(ZERO)  # executions of a dataset nobody planned (evaluation, a plain iteration)
         self.generations = 0
 
     def plan(self, stream: str, lane: int, epoch: int, first_iteration: int = 0) -> None:
         """The next execution of `stream`'s lane `lane` reads epoch `epoch` from micro-batch
         `first_iteration`; its counts start from 0."""
         self.generations += 1
-        self.counts.pop(self.generation_of.get((stream, epoch)), None)
+        old = self.generation_of.get((stream, epoch))
+        self.tasks.pop(old, None)
+        self.expected.pop(old, None)
         self.plans[f"{stream}/{lane}"] = (epoch, first_iteration, self.generations)
         self.generation_of[(stream, epoch)] = self.generations
-        self.counts[self.generations] = dict(ZERO)
+        self.tasks[self.generations] = {}
 
     def planned(self, stream: str, lane: int) -> tuple[int, int, int] | None:
         """(epoch, first micro-batch, generation) of the lane's execution; None if never planned."""
         return self.plans.get(f"{stream}/{lane}")
 
-    def add(self, skipped: int, decoded: int = 0, seconds: float = 0.0, generation: int | None = None) -> None:
-        counts = self.counts.get(generation)
-        if counts is None:
-            return  # an earlier attempt's read task, or an epoch already taken
-        counts["skipped"] += skipped
-        counts["decoded"] += decoded
-        counts["decode_seconds"] += seconds
+    def expect(self, generation: int, tasks: int) -> None:
+        """The execution planned as `generation` has `tasks` read tasks."""
+        if generation in self.tasks:
+            self.expected[generation] = tasks
+
+    def add(self, skipped: int, decoded: int = 0, seconds: float = 0.0, generation: int | None = None,
+            task: int = 0) -> None:
+        """Read task `task` of the execution planned as `generation` (None: unplanned) ended."""
+        if generation is None:
+            for key, value in zip(ZERO, (skipped, decoded, seconds)):
+                self.unplanned[key] += value
+        elif generation in self.tasks:  # else an earlier attempt's read task, or an epoch already taken
+            self.tasks[generation][task] = (skipped, decoded, seconds)
 
     def peek(self, stream: str | None = None, epoch: int | None = None) -> dict:
-        """What the read tasks of `stream`'s epoch `epoch` (None: of unplanned executions) have added so far."""
-        generation = self.generation_of.get((stream, epoch)) if stream is not None else None
-        return dict(self.counts.get(generation, ZERO))
+        """What the read tasks of `stream`'s epoch `epoch` (None: of unplanned executions) have
+        reported so far, with `complete`: whether all of them have."""
+        if stream is None:
+            return {**self.unplanned, "complete": True}
+        generation = self.generation_of.get((stream, epoch))
+        reported = self.tasks.get(generation, {})
+        sums = [sum(column) for column in zip(*reported.values())] or [0, 0, 0.0]
+        return {**dict(zip(ZERO, sums)), "complete": len(reported) == self.expected.get(generation, -1)}
 
-    def take(self, stream: str | None = None, epoch: int | None = None) -> dict:
-        """`peek`, after which the epoch is closed (its late adds are dropped); for unplanned
+    def take(self, stream: str | None = None, epoch: int | None = None, force: bool = False) -> dict | None:
+        """`peek`, after which the epoch is closed (late reports are dropped); None, leaving it
+        open, while some of its read tasks have not reported, unless `force`. For unplanned
         executions, the counts restart from 0."""
         counts = self.peek(stream, epoch)
+        if not (counts["complete"] or force):
+            return None
         if stream is None:
-            self.counts[None] = dict(ZERO)
+            self.unplanned = dict(ZERO)
         else:
-            self.counts.pop(self.generation_of.pop((stream, epoch), None), None)
+            generation = self.generation_of.pop((stream, epoch), None)
+            self.tasks.pop(generation, None)
+            self.expected.pop(generation, None)
         return counts
+
+
+def epoch_counts(counter, stream: str, epoch: int, timeout: float = 60.0) -> dict:
+    """Epoch `epoch`'s counts, once every read task of it has reported (its iterator is
+    exhausted, so each has ended and sent its report: it arrives within moments); after
+    `timeout` seconds, what has arrived, with a warning."""
+    deadline = time.monotonic() + timeout
+    while (counts := ray.get(counter.take.remote(stream, epoch))) is None:
+        if time.monotonic() > deadline:
+            counts = ray.get(counter.take.remote(stream, epoch, force=True))
+            logger.warning("epoch %d: some read tasks did not report within %.0f s; skipped_images and "
+                           "decoded_images count only those that did", epoch, timeout)
+            break
+        time.sleep(0.01)
+    return counts
 
 
 def skip_counter():

@@ -63,7 +63,7 @@ def training_stream(source: Source, data: DataConfig, input_size: int, seed: int
                     console: bool = False, augment: bool = True) -> "Lanes":
     """The training stream of `source` as two lanes (see `EpochStreams`): two datasets over one
     datasource. Each lane may hold `image_stream`'s default of crops decoded ahead (at most a
-    quarter of the object store); `data.object_store_memory` bounds both together."""
+    third of the object store); `data.object_store_memory` bounds both together."""
     return _lanes(source, data, input_size, seed, reserved_cpus, augment, console, 2)
 
 
@@ -83,11 +83,11 @@ def _lanes(source: Source, data: DataConfig, input_size: int, seed: int, reserve
         concurrency = max(1, int((resources.get("CPU", 1) - reserved_cpus) // data.decode_cpus))
     datasource = ImageDatasource(source, data, input_size, seed, augment, skip_counter(), console, concurrency)
     block_bytes = data.decode_batch_size * input_size * input_size * 3
-    ahead_bytes = data.object_store_memory  # all lanes together
-    if ahead_bytes is None:  # the crops a lane holds ahead keep its decoders busy while it is the one trained on
+    if data.object_store_memory is not None:  # all lanes together
+        ahead_bytes = data.object_store_memory // lanes
+    else:  # each lane, while it is the one trained on, needs the whole default to keep its decoders busy
         store = resources.get("object_store_memory", float("inf"))
-        ahead_bytes = int(min((3 * concurrency + 2) * block_bytes * lanes, store / 2))
-    ahead_bytes //= lanes
+        ahead_bytes = int(min((3 * concurrency + 2) * block_bytes, store / (lanes + 1)))
     datasets = []
     for lane in range(lanes):
         ds = ray.data.read_datasource(datasource.lane(lane), num_cpus=data.decode_cpus, concurrency=concurrency,
@@ -96,6 +96,7 @@ def _lanes(source: Source, data: DataConfig, input_size: int, seed: int, reserve
         # merges blocks up to 128 MB, and a tar shard's crops reached training in bursts
         ds.context.target_max_block_size = block_bytes
         ray_compat.use_backpressure_policies(ds.context, [DecodeAhead])
+        ds.context.custom_execution_callback_classes = [*ds.context.custom_execution_callback_classes, IdleWait]
         ds.context.set_config(DecodeAhead.CONFIG_KEY, (max(ahead_bytes, block_bytes), block_bytes))
         datasets.append(ds)
     return Lanes(tuple(datasets), datasource.key)
@@ -254,6 +255,19 @@ class DecodeAhead(ray_compat.BackpressurePolicy):
         return ray_compat.output_bytes_held(self, op) + (running + 1) * block_bytes <= budget
 
 
+class IdleWait(ray_compat.ExecutionCallback):
+    """Rests Ray Data's control loop for `SECONDS` after each step in which none of the
+    dataset's tasks runs. Ray's loop waits for tasks, not for its consumer: held back by
+    `DecodeAhead`, or with every read task done while training is behind (a lane decoded
+    ahead, waiting for its epoch), it spins on a CPU core that decoding needs (measured: the
+    ingest benchmark's driver burned 20 s of CPU instead of 5, and decoded half as fast)."""
+    SECONDS = 0.02  # a decode task takes 0.1-1 s: resuming 20 ms late costs nothing measurable
+
+    def on_execution_step(self, executor) -> None:
+        if ray_compat.executor_tasks_running(executor) == 0:
+            time.sleep(self.SECONDS)
+
+
 class ImageDatasource(ray.data.Datasource):
     """A source's images, read and decoded in the same Ray task (see `image_stream`)."""
 
@@ -364,7 +378,7 @@ class ImageDatasource(ray.data.Datasource):
                                    limit=unit[2])
             return tar_samples(fs, unit, expected=n, retry=retry, max_bytes=max_bytes)
 
-        def read(unit, n: int):
+        def read(unit, n: int, index: int):
             import torch
             torch.set_num_threads(threads)  # one decoder per CPU it holds; no oversubscription
             if console:
@@ -394,16 +408,19 @@ class ImageDatasource(ray.data.Datasource):
             except Exception as e:
                 raise DataError(f"reading {files(unit)[0]}{' and more' if len(files(unit)) > 1 else ''}: "
                                 f"{type(e).__name__}: {e}") from e
-            ray.get(counter.add.remote(skipped, decoded, seconds, generation))  # before the last block leaves
             if last is not None:
                 yield last
+            counter.add.remote(skipped, decoded, seconds, generation, index)  # not waited for: skips.py
 
         def files(unit) -> tuple[str, ...]:
             return tuple(path for path, _ in unit) if fmt == "imagefolder" else (unit[0],) \
                 if isinstance(unit, tuple) else (unit,)
 
-        return [ReadTask(lambda unit=unit, n=n: read(unit, n),
+        units = self.read_units(rng)
+        if generation is not None:
+            counter.expect.remote(generation, len(units))
+        return [ReadTask(lambda unit=unit, n=n, index=index: read(unit, n, index),
                          BlockMetadata(num_rows=n, size_bytes=n * size * size * 3, exec_stats=None,
                                        input_files=files(unit)),
                          per_task_row_limit=per_task_row_limit)
-                for unit, n in self.read_units(rng)]
+                for index, (unit, n) in enumerate(units)]

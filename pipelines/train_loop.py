@@ -35,7 +35,7 @@ from pipelines.config import ModelConfig, OptimConfig, TrainConfig, from_dict
 from pipelines.console import flush_to_driver, forward_to_driver
 from pipelines.errors import FatalError
 from pipelines.run_files import RunLog, end_attempt, ended_by
-from pipelines.skips import skip_counter
+from pipelines.skips import epoch_counts, skip_counter
 from pipelines.stream import EpochStreams
 from pipelines.train_state import State, build_state, checkpoint_dict, restore, run_record, starting_checkpoint
 
@@ -228,7 +228,7 @@ def train(config: dict) -> None:
         seconds = time.perf_counter() - t0
         stream = {}
         if worker.is_chief:  # every read task of the epoch has ended: see pipelines/skips.py
-            stream = ray.get(counter.take.remote(config["stream"], epoch))
+            stream = epoch_counts(counter, config["stream"], epoch)
             log.skipped = stream["skipped"]
         if not log.synced and state.iteration < sched.steps_per_epoch * sched.accum_iter:
             raise FatalError(f"epoch {epoch}: the stream gave too few images for one step of "

@@ -289,7 +289,7 @@ def test_the_next_epoch_decodes_while_this_one_is_read_each_with_its_own_order_a
     an order of its own, and its own exact skip count; crops are new every epoch."""
     import time
 
-    from pipelines.skips import skip_counter
+    from pipelines.skips import epoch_counts, skip_counter
     counter = skip_counter()
     want = expected(photos)
     key, streams = epoch_streams(open_source("imagefolder", str(photos)), augment=False)
@@ -305,7 +305,7 @@ def test_the_next_epoch_decodes_while_this_one_is_read_each_with_its_own_order_a
         order = [(int(label), hashlib.sha1(img.numpy().tobytes()).hexdigest())
                  for b in rows for label, img in zip(b["label"], b["image"])]
         assert collections.Counter(order) == want, e  # every image once: nothing of epoch e + 1 in it
-        counts = ray_client.get(counter.take.remote(key, e))
+        counts = epoch_counts(counter, key, e)
         assert (counts["skipped"], counts["decoded"]) == (0, sum(want.values())) and counts["decode_seconds"] > 0
         orders.append(order)
     streams.close()
@@ -319,7 +319,7 @@ def test_the_next_epoch_decodes_while_this_one_is_read_each_with_its_own_order_a
     for e in range(2):
         rows = list(streams.epoch(e, 0, e + 1))
         assert sum(len(b["label"]) for b in rows) <= sum(want.values()) + bad
-        assert ray_client.get(counter.take.remote(key, e))["skipped"] == bad, e  # exact, every epoch
+        assert epoch_counts(counter, key, e)["skipped"] == bad, e  # exact, every epoch
         crops.append({hashlib.sha1(img.numpy().tobytes()).hexdigest() for b in rows for img in b["image"]})
     streams.close()
     assert not crops[0] & crops[1]  # fresh crops every epoch
