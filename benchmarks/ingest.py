@@ -37,7 +37,8 @@ from mae.transforms import IMAGENET_MEAN, IMAGENET_STD, REGION_DECODE, normalize
 from pipelines.config import DataConfig  # noqa: E402
 from pipelines.reading import open_source  # noqa: E402
 from pipelines.skips import skip_counter  # noqa: E402
-from pipelines.stream import EpochStreams, training_stream  # noqa: E402
+from pipelines.lanes import EpochStreams  # noqa: E402
+from pipelines.stream import training_stream  # noqa: E402
 
 
 def timed(batches, seconds: float) -> float:

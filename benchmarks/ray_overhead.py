@@ -61,7 +61,7 @@ def ray_loop(cfg, images: np.ndarray) -> list[float]:
     """Epoch wall times of the same steps through pipelines/pretrain.py's trainer."""
     import ray
     from pipelines.pretrain import build_trainer
-    from pipelines.stream import Lanes
+    from pipelines.lanes import Lanes
 
     ray.init(num_cpus=max(2, int(cfg.scaling.cpus_per_worker) + 1), include_dashboard=False,
              object_store_memory=512 * 2**20, log_to_driver=False)

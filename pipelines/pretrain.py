@@ -32,8 +32,9 @@ from pipelines.demo_data import write_digits  # noqa: E402
 from pipelines.reading import DataError, Source, open_source  # noqa: E402
 from pipelines.console import Follow  # noqa: E402
 from pipelines.run_files import ended_by, read_jsonl  # noqa: E402
-from pipelines.stream import Lanes, training_stream  # noqa: E402
-from pipelines.train_loop import LANES, train_loop_per_worker  # noqa: E402
+from pipelines.lanes import NAMES as LANES, Lanes  # noqa: E402
+from pipelines.stream import training_stream  # noqa: E402
+from pipelines.train_loop import train_loop_per_worker  # noqa: E402
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, Config]:

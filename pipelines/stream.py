@@ -5,8 +5,8 @@ The encoded bytes never cross the object store: each read task reads its unit (i
 a shard, or a run of a Parquet shard's row groups) and decodes + RandomResizedCrop + flips
 `decode_batch_size` images at a time into one block, in one Ray Data operator. Every
 execution of the dataset (every epoch) reads the units in a new order and draws new crops.
-Training reads its epochs from two such datasets in turn (`EpochStreams`), so that the next
-epoch is decoding while this one ends: the decoders never wait on an epoch boundary.
+Training reads its epochs from two such datasets in turn (pipelines/lanes.py), so that the
+next epoch is decoding while this one ends: the decoders never wait on an epoch boundary.
 
 An image that cannot be used (undecodable, over the pixel or byte limits, unreadable, lost
 with a damaged shard) is logged and replaced, in its place in the batch, by a fresh crop of
@@ -18,12 +18,9 @@ else that fails in a read task is a DataError naming its unit: it ends the run o
 import copy
 import logging
 import tarfile
-import threading
 import time
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import ray
@@ -33,6 +30,7 @@ from cluster import ray_compat
 from mae.transforms import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, REGION_DECODE, decode_crop_batch
 from pipelines.config import DataConfig
 from pipelines.console import forward_to_driver
+from pipelines.lanes import Lanes
 from pipelines.reading import (DataError, Retry, Source, imagefolder_samples, parquet_parts, parquet_row_groups,
                                parquet_samples, part_rows, tar_offsets, tar_samples)
 from pipelines.skips import skip_counter
@@ -60,19 +58,11 @@ def image_stream(source: Source, data: DataConfig, input_size: int, seed: int, r
 
 
 def training_stream(source: Source, data: DataConfig, input_size: int, seed: int, reserved_cpus: float = 0.0,
-                    console: bool = False, augment: bool = True) -> "Lanes":
-    """The training stream of `source` as two lanes (see `EpochStreams`): two datasets over one
+                    console: bool = False, augment: bool = True) -> Lanes:
+    """The training stream of `source` as two lanes (pipelines/lanes.py): two datasets over one
     datasource. Each lane may hold `image_stream`'s default of crops decoded ahead (at most a
     third of the object store); `data.object_store_memory` bounds both together."""
     return _lanes(source, data, input_size, seed, reserved_cpus, augment, console, 2)
-
-
-@dataclass(frozen=True)
-class Lanes:
-    """Datasets over one datasource, read in turn epoch after epoch (epoch e on lane e % 2);
-    `key`: the name their plans go under in the job's ledger (pipelines/skips.py)."""
-    datasets: tuple
-    key: str
 
 
 def _lanes(source: Source, data: DataConfig, input_size: int, seed: int, reserved_cpus: float, augment: bool,
@@ -100,80 +90,6 @@ def _lanes(source: Source, data: DataConfig, input_size: int, seed: int, reserve
         ds.context.set_config(DecodeAhead.CONFIG_KEY, (max(ahead_bytes, block_bytes), block_bytes))
         datasets.append(ds)
     return Lanes(tuple(datasets), datasource.key)
-
-
-class EpochStreams:
-    """Epoch after epoch of a training stream with no gap between them: epoch e is read from
-    lane e % 2, and once its first batch is out, epoch e+1 starts on the other lane (the
-    lane's execution begins: its read tasks decode up to its budget ahead), so the first
-    blocks of e+1 are decoded while the last of e are trained on. Each epoch stays one
-    execution of its lane: its own order and crops, its own skip count, its end where the
-    lane's iterator ends.
-
-    `lanes`: the two datasets of `training_stream`, or a train worker's shards of them
-    (anything with `iter_torch_batches`, whose keyword arguments `batches` holds). `plans`:
-    whether this process writes each epoch's plan for the lanes' read tasks (exactly one
-    process per job: rank 0); see pipelines/skips.py."""
-
-    def __init__(self, lanes, key: str, ledger, plans: bool, **batches):
-        self.lanes, self.key, self.ledger, self.plans, self.batches = lanes, key, ledger, plans, batches
-        self.ahead: _Started | None = None
-
-    def epoch(self, epoch: int, first_iteration: int = 0, following: int | None = None) -> Iterator[dict]:
-        """Epoch `epoch`'s batches (a resumed one from micro-batch `first_iteration` on: its
-        order is drawn anew); once the first is out, epoch `following` starts ahead."""
-        started = self.ahead
-        if started is None or started.epoch != epoch:
-            if started is not None:
-                raise RuntimeError(f"epoch {started.epoch} was started ahead, not epoch {epoch}")
-            started = self._start(epoch, first_iteration)
-        self.ahead = None
-        first = started.first()
-        if following is not None:
-            self.ahead = self._start(following, 0)
-        if first is not None:
-            yield first
-            yield from started.rest
-
-    def close(self) -> None:
-        """Stop the epoch started ahead, if any (its lane's execution ends)."""
-        started, self.ahead = self.ahead, None
-        if started is not None:
-            started.thread.join()
-            if started.rest is not None:
-                started.rest.close()
-
-    def _start(self, epoch: int, first_iteration: int) -> "_Started":
-        lane, started = epoch % 2, _Started(epoch)
-
-        def begin():
-            try:
-                if self.plans:
-                    ray.get(self.ledger.plan.remote(self.key, lane, epoch, first_iteration))
-                started.rest = iter(self.lanes[lane].iter_torch_batches(**self.batches))
-                started.head = next(started.rest, None)  # waits at the split's barrier, then for the first batch
-            except BaseException as e:  # raised where the epoch is read
-                started.error = e
-
-        started.thread = threading.Thread(target=begin, name=f"epoch-{epoch}-start", daemon=True)
-        started.thread.start()
-        return started
-
-
-@dataclass
-class _Started:
-    """An epoch whose lane was asked for its first batch by a thread of its own."""
-    epoch: int
-    thread: threading.Thread | None = None
-    rest: Iterator | None = None
-    head: dict | None = None
-    error: BaseException | None = None
-
-    def first(self) -> dict | None:
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-        return self.head
 
 
 _warned_whole_image = False

@@ -36,12 +36,11 @@ from pipelines.console import flush_to_driver, forward_to_driver
 from pipelines.errors import FatalError
 from pipelines.run_files import RunLog, end_attempt, ended_by
 from pipelines.skips import epoch_counts, skip_counter
-from pipelines.stream import EpochStreams
+from pipelines.lanes import NAMES as LANES, EpochStreams
 from pipelines.train_state import State, build_state, checkpoint_dict, restore, run_record, starting_checkpoint
 
 logger = logging.getLogger("mae.train")
 
-LANES = ("train_even_epochs", "train_odd_epochs")  # the datasets epochs alternate between: stream.EpochStreams
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -274,7 +274,8 @@ def test_one_shard_is_split_for_every_decoder_and_each_image_read_once(ray_clien
 def epoch_streams(source, augment: bool, batch: int = 4):
     """`EpochStreams` over `source`'s training lanes, read as the train loop reads them."""
     from pipelines.skips import skip_counter
-    from pipelines.stream import EpochStreams, training_stream
+    from pipelines.lanes import EpochStreams
+    from pipelines.stream import training_stream
     data = DataConfig(decode_batch_size=batch, read_files_per_task=5)
     lanes = training_stream(source, data, SIZE, seed=0, augment=augment)
     return lanes.key, EpochStreams(lanes.datasets, lanes.key, skip_counter(), plans=True, batch_size=batch,

@@ -1,0 +1,96 @@
+"""Epochs read from two lanes in turn, so that no decoder waits on an epoch boundary.
+
+A lane is one Ray dataset of the training stream (pipelines/stream.py: `training_stream`
+makes two over one datasource). Epoch e is one execution of lane e % 2; once its first batch
+is out, epoch e+1's execution starts on the other lane. This module is the consumer's side
+(the train loop, the ingest benchmark): it needs nothing of the data modules.
+"""
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import ray
+
+NAMES = ("train_even_epochs", "train_odd_epochs")  # the lanes' dataset names in Ray Train
+
+
+@dataclass(frozen=True)
+class Lanes:
+    """Datasets over one datasource, read in turn epoch after epoch (epoch e on lane e % 2);
+    `key`: the name their plans go under in the job's ledger (pipelines/skips.py)."""
+    datasets: tuple
+    key: str
+
+
+class EpochStreams:
+    """Epoch after epoch of a training stream with no gap between them: epoch e is read from
+    lane e % 2, and once its first batch is out, epoch e+1 starts on the other lane (the
+    lane's execution begins: its read tasks decode up to its budget ahead), so the first
+    blocks of e+1 are decoded while the last of e are trained on. Each epoch stays one
+    execution of its lane: its own order and crops, its own skip count, its end where the
+    lane's iterator ends.
+
+    `lanes`: the two datasets of `training_stream`, or a train worker's shards of them
+    (anything with `iter_torch_batches`, whose keyword arguments `batches` holds). `plans`:
+    whether this process writes each epoch's plan for the lanes' read tasks (exactly one
+    process per job: rank 0); see pipelines/skips.py."""
+
+    def __init__(self, lanes, key: str, ledger, plans: bool, **batches):
+        self.lanes, self.key, self.ledger, self.plans, self.batches = lanes, key, ledger, plans, batches
+        self.ahead: _Started | None = None
+
+    def epoch(self, epoch: int, first_iteration: int = 0, following: int | None = None) -> Iterator[dict]:
+        """Epoch `epoch`'s batches (a resumed one from micro-batch `first_iteration` on: its
+        order is drawn anew); once the first is out, epoch `following` starts ahead."""
+        started = self.ahead
+        if started is None or started.epoch != epoch:
+            if started is not None:
+                raise RuntimeError(f"epoch {started.epoch} was started ahead, not epoch {epoch}")
+            started = self._start(epoch, first_iteration)
+        self.ahead = None
+        first = started.first()
+        if following is not None:
+            self.ahead = self._start(following, 0)
+        if first is not None:
+            yield first
+            yield from started.rest
+
+    def close(self) -> None:
+        """Stop the epoch started ahead, if any (its lane's execution ends)."""
+        started, self.ahead = self.ahead, None
+        if started is not None:
+            started.thread.join()
+            if started.rest is not None:
+                started.rest.close()
+
+    def _start(self, epoch: int, first_iteration: int) -> "_Started":
+        lane, started = epoch % 2, _Started(epoch)
+
+        def begin():
+            try:
+                if self.plans:
+                    ray.get(self.ledger.plan.remote(self.key, lane, epoch, first_iteration))
+                started.rest = iter(self.lanes[lane].iter_torch_batches(**self.batches))
+                started.head = next(started.rest, None)  # waits at the split's barrier, then for the first batch
+            except BaseException as e:  # raised where the epoch is read
+                started.error = e
+
+        started.thread = threading.Thread(target=begin, name=f"epoch-{epoch}-start", daemon=True)
+        started.thread.start()
+        return started
+
+
+@dataclass
+class _Started:
+    """An epoch whose lane was asked for its first batch by a thread of its own."""
+    epoch: int
+    thread: threading.Thread | None = None
+    rest: Iterator | None = None
+    head: dict | None = None
+    error: BaseException | None = None
+
+    def first(self) -> dict | None:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.head
