@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -26,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from cluster.accelerators import Accelerator, prepare_device
 from cluster.storage import Storage
-from mae.checkpoint import CHECKPOINT_FILE, checkpoint_dir_name, save_checkpoint
+from mae.checkpoint import checkpoint_dir_name
 from mae.model import preset
 from mae.recipe import fractional_epoch, lr_at, scaled_lr, set_lr
 from mae.transforms import eval_crops, normalize_on_device
@@ -37,7 +36,8 @@ from pipelines.errors import FatalError
 from pipelines.run_files import RunLog, end_attempt, ended_by
 from pipelines.skips import epoch_counts, skip_counter
 from pipelines.lanes import NAMES as LANES, EpochStreams
-from pipelines.train_state import State, build_state, checkpoint_dict, restore, run_record, starting_checkpoint
+from pipelines.train_state import (CheckpointWriter, State, build_state, restore, run_record,
+                                   starting_checkpoint)
 
 logger = logging.getLogger("mae.train")
 
@@ -242,8 +242,10 @@ def train(config: dict) -> None:
             metrics["decoded_images"] = stream["decoded"]
             metrics["decode_images_per_cpu_sec"] = stream["decoded"] / (stream["decode_seconds"] * cfg.data.decode_cpus)
         reporter.epoch_end(state, metrics, log)
-    if worker.is_chief and reporter.run_log.tracker is not None:
-        reporter.run_log.tracker.finish()
+    if worker.is_chief:
+        reporter.writer.wait()  # the last checkpoint is in the run directory before the run ends
+        if reporter.run_log.tracker is not None:
+            reporter.run_log.tracker.finish()
 
 
 def start_worker(row: Accelerator, precision: str) -> tuple[Worker, dict]:
@@ -414,11 +416,13 @@ class Figures:
 
 class Reporter:
     """Where each checkpoint's results go: rank 0 writes the run files (`run_log`, with the
-    figures), then checkpoint.pth; every rank reports to Ray Train, which uploads the
-    checkpoint to the run directory. `record`: what every checkpoint records of the config."""
+    figures) and hands the state, copied off the device, to its CheckpointWriter, which
+    writes and uploads checkpoint.pth in the background; every rank reports to Ray Train.
+    `record`: what every checkpoint records of the config."""
 
     def __init__(self, worker: Worker, record: dict, storage: Storage):
-        self.worker, self.record, self.storage = worker, record, storage
+        self.worker, self.record = worker, record
+        self.writer = CheckpointWriter(storage)  # rank 0's; the upload runs in the background
         self.run_log: RunLog | None = None
         self.figures: Figures | None = None
 
@@ -445,8 +449,4 @@ class Reporter:
         if not self.worker.is_chief:
             ray.train.report(metrics, checkpoint=None)
             return
-        name = checkpoint_dir_name(metrics["epoch"], state.step)
-        with tempfile.TemporaryDirectory() as d:
-            save_checkpoint(checkpoint_dict(state, self.record), os.path.join(d, CHECKPOINT_FILE))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
-        self.storage.sync(name)  # Ray Train's upload (a plain copy) is on disk before the next step
+        self.writer.submit(state, self.record, metrics, checkpoint_dir_name(metrics["epoch"], state.step))

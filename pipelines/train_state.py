@@ -8,16 +8,21 @@ checkpoint of ours, an official MAE .pth or a Hugging Face ViTMAE folder), else 
 import io
 import logging
 import os
+import shutil
+import tempfile
+import threading
+import time
 from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 import ray.train
 import torch
+from ray.train import CheckpointUploadMode
 
 from cluster.accelerators import Accelerator
-from cluster.storage import open_storage
+from cluster.storage import Storage, open_storage
 from mae import create_model
-from mae.checkpoint import CHECKPOINT_FILE, load_checkpoint, load_mae_state, model_state
+from mae.checkpoint import CHECKPOINT_FILE, load_checkpoint, load_mae_state, model_state, save_checkpoint
 from mae.export import HF_CONFIG, HF_WEIGHTS, read_hf
 from mae.recipe import build_optimizer
 from pipelines.config import Config, ModelConfig, OptimConfig, RunConfig, TrainConfig
@@ -119,3 +124,89 @@ def checkpoint_dict(state: State, record: dict) -> dict:
             "epoch": state.epoch - 1, "scaler": state.scaler.state_dict(), "args": record["args"],
             "step": state.step, "position": {"epoch": state.epoch, "iteration": state.iteration},
             "config": record["config"]}
+
+
+def to_host(obj, pin: bool = False):
+    """A copy of `obj` (a checkpoint dict) whose tensors are host-memory copies: what the
+    training step waits for. From an accelerator the copies go into pinned memory without
+    blocking, then one synchronisation; on the CPU they are clones, since the step goes on
+    changing the originals in place."""
+    copies = []
+
+    def copy(x):
+        if isinstance(x, torch.Tensor):
+            if x.device.type == "cpu":
+                return x.detach().clone()
+            out = torch.empty(x.shape, dtype=x.dtype, pin_memory=pin)
+            out.copy_(x.detach(), non_blocking=pin)
+            copies.append(x.device)
+            return out
+        if isinstance(x, dict):
+            return {k: copy(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(copy(v) for v in x)
+        return x
+
+    out = copy(obj)
+    for device in set(copies):
+        torch.accelerator.synchronize(device)
+    return out
+
+
+class CheckpointWriter:
+    """Rank 0's checkpoints, written and uploaded off the training thread, one at a time.
+
+    `submit` takes the state off the device (the step's only wait) and hands Ray Train the
+    checkpoint with an upload function that runs in Ray Train's background thread
+    (`ray.train.report(checkpoint_upload_mode=ASYNC, checkpoint_upload_fn=...)`): it writes
+    checkpoint.pth straight into the run directory on a local filesystem (a temporary file,
+    fsynced, then renamed), or into a local temporary folder that it then uploads to S3
+    (an object appears only once whole). Ray Train registers the checkpoint as the run's
+    latest only after the function returns, so a restart never starts from a checkpoint
+    half written. A second `submit` first waits for the checkpoint in flight: host memory
+    holds at most one copy of the state. `synchronous=True` does all of it in the step (the
+    benchmark's baseline)."""
+
+    def __init__(self, storage: Storage, synchronous: bool = False):
+        self.storage, self.synchronous = storage, synchronous
+        self.idle = threading.Event()
+        self.idle.set()
+        self.stalls: list[float] = []  # seconds the training thread spent in each submit
+
+    def submit(self, state: "State", record: dict, metrics: dict, name: str) -> None:
+        t0 = time.perf_counter()
+        self.wait()
+        host = to_host(checkpoint_dict(state, record), pin=next(state.model.parameters()).is_cuda)
+        self.idle.clear()
+        folder = tempfile.mkdtemp(prefix="mae-checkpoint-")
+        mode = CheckpointUploadMode.SYNC if self.synchronous else CheckpointUploadMode.ASYNC
+        try:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=name,
+                             checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=False,
+                             checkpoint_upload_fn=lambda checkpoint, dir_name: self._persist(host, folder, dir_name))
+        except BaseException:
+            self._done(folder)
+            raise
+        self.stalls.append(time.perf_counter() - t0)
+
+    def _persist(self, host: dict, folder: str, name: str) -> ray.train.Checkpoint:
+        try:
+            if isinstance(self.storage.fs, pafs.LocalFileSystem):
+                os.makedirs(self.storage.path(name), exist_ok=True)
+                save_checkpoint(host, os.path.join(self.storage.path(name), CHECKPOINT_FILE))
+                self.storage.sync(name)
+            else:
+                save_checkpoint(host, os.path.join(folder, CHECKPOINT_FILE))
+                pafs.copy_files(folder, self.storage.path(name), destination_filesystem=self.storage.fs)
+            return ray.train.Checkpoint(self.storage.path(name), filesystem=self.storage.fs)
+        finally:
+            self._done(folder)
+
+    def _done(self, folder: str) -> None:
+        shutil.rmtree(folder, ignore_errors=True)
+        self.idle.set()
+
+    def wait(self) -> None:
+        """Until the checkpoint in flight is in the run directory (Ray Train raises its upload
+        error in the training thread; this one does not wait forever on it)."""
+        self.idle.wait()
