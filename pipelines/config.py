@@ -111,7 +111,11 @@ class TrainConfig:
     batch_size: int = 64
     """Images per worker per micro-step."""
     accum_iter: int = 1
-    """Micro-steps accumulated per optimizer step."""
+    """Micro-steps accumulated per optimizer step (at `scaling.num_workers` workers)."""
+    effective_batch: int | None = None
+    """Images per optimizer step, the same at every worker count (null: batch_size x
+    accum_iter x num_workers). At w workers each step accumulates effective_batch /
+    (batch_size x w) micro-steps; a worker count that does not divide it is refused."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Autocast dtype; fp16 uses a gradient scaler."""
     compile: bool = True
@@ -127,7 +131,13 @@ class TrainConfig:
 @dataclass
 class ScalingConfig:
     num_workers: int = 1
-    """Training workers, one accelerator each."""
+    """Training workers, one accelerator each (with min_workers: the most)."""
+    min_workers: int | None = None
+    """Elastic: train with as many workers as the cluster can give between min_workers and
+    num_workers, fewer when nodes go, more when they come back (Ray Train restarts the
+    worker group from the latest checkpoint at its new size). null: always num_workers."""
+    resize_check_seconds: float = 60.0
+    """Elastic: how often a running group checks whether the cluster can give it another size."""
     accelerator: str = "cpu"
     """Row of `cluster.accelerators.ACCELERATORS`: cpu, cuda, sdaa or npu."""
     device_type: str | None = None
@@ -199,7 +209,20 @@ class Config:
 
     @property
     def effective_batch(self) -> int:
-        return self.train.batch_size * self.train.accum_iter * self.scaling.num_workers
+        """Images per optimizer step, at every worker count."""
+        t = self.train
+        return t.effective_batch or t.batch_size * t.accum_iter * self.scaling.num_workers
+
+    @property
+    def worker_counts(self) -> range:
+        """The sizes the worker group may have: num_workers, or min_workers..num_workers."""
+        s = self.scaling
+        return range(s.min_workers or s.num_workers, s.num_workers + 1)
+
+    def accum_iter(self, workers: int) -> int:
+        """Micro-steps per optimizer step at `workers` workers: batch x accum x workers is
+        the effective batch (validate() refused the counts where it cannot be)."""
+        return self.effective_batch // (self.train.batch_size * workers)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -357,6 +380,21 @@ def validate(cfg: Config) -> None:
     need(t.accum_iter >= 1, "train.accum_iter", "must be >= 1", t.accum_iter)
     need(t.log_every_steps >= 1, "train.log_every_steps", "must be >= 1", t.log_every_steps)
     need(s.num_workers >= 1, "scaling.num_workers", "must be >= 1", s.num_workers)
+    need(s.min_workers is None or 1 <= s.min_workers <= s.num_workers, "scaling.min_workers",
+         f"null or from 1 to scaling.num_workers ({s.num_workers})", s.min_workers)
+    need(s.resize_check_seconds > 0, "scaling.resize_check_seconds", "must be > 0", s.resize_check_seconds)
+    need(t.effective_batch is None or t.effective_batch >= 1, "train.effective_batch", "null or >= 1",
+         t.effective_batch)
+    if t.effective_batch is not None and t.accum_iter != 1:
+        need(t.effective_batch == t.batch_size * t.accum_iter * s.num_workers, "train.effective_batch",
+             f"set it or train.accum_iter, not both (accum_iter {t.accum_iter} x batch_size {t.batch_size} x "
+             f"{s.num_workers} workers = {t.batch_size * t.accum_iter * s.num_workers})", t.effective_batch)
+    bad = [w for w in cfg.worker_counts if cfg.effective_batch % (t.batch_size * w)]
+    need(not bad, "train.effective_batch",
+         f"{cfg.effective_batch} images per step cannot be split into micro-batches of train.batch_size="
+         f"{t.batch_size} at {', '.join(map(str, bad))} workers; choose an effective batch that "
+         f"batch_size x every worker count in scaling.min_workers..num_workers divides, or narrow that range",
+         cfg.effective_batch)
     need(s.accelerator in ACCELERATORS, "scaling.accelerator", f"choose one of {sorted(ACCELERATORS)}",
          s.accelerator)
     need(s.cpus_per_worker >= 0, "scaling.cpus_per_worker", "must be >= 0", s.cpus_per_worker)

@@ -68,7 +68,8 @@ def plan(cfg: Config, num_images: int | None, images_note: str, blobs: list[byte
     effective = cfg.effective_batch
     lr = o.lr or o.blr * effective / 256
     iters = (n // s.num_workers) // t.batch_size
-    steps = iters // t.accum_iter
+    accum = cfg.accum_iter(s.num_workers)
+    steps = iters // accum
     with torch.device("meta"):
         model = create_model(m.name, img_size=m.input_size)
     params = sum(p.numel() for p in model.parameters())
@@ -81,8 +82,10 @@ def plan(cfg: Config, num_images: int | None, images_note: str, blobs: list[byte
     resources = row.worker_resources(s.cpus_per_worker)
     lines = ["resolved config:", *compact(cfg), "",
         f"data:           {n:,} images ({images_note})",
-        f"batch:          {t.batch_size} per worker x accum {t.accum_iter} x {s.num_workers} workers "
-        f"= effective {effective:,}",
+        f"batch:          {t.batch_size} per worker x accum {accum} x {s.num_workers} workers "
+        f"= effective {effective:,}" + ("" if s.min_workers is None else
+                                         f" (the same at {s.min_workers}..{s.num_workers} workers: accum " +
+                                         ", ".join(str(cfg.accum_iter(w)) for w in cfg.worker_counts) + ")"),
         f"lr:             {lr:.3g} (blr {o.blr:g} x {effective:,} / 256)" if not o.lr else f"lr:             {lr:.3g}",
         f"schedule:       {steps:,} steps per epoch x {t.epochs} epochs = {steps * t.epochs:,} steps; "
         f"warmup {o.warmup_epochs:g} epochs = {round(o.warmup_epochs * steps):,} steps, then cosine to {o.min_lr:g}",

@@ -27,7 +27,7 @@ from ray.train.torch import TorchTrainer  # noqa: E402
 from cluster.lease import Lease, LeaseHeld  # noqa: E402
 from cluster.preflight import PreflightError, check_cluster  # noqa: E402
 from cluster.torch_backend import AcceleratorTorchConfig  # noqa: E402
-from pipelines.config import Config, ConfigError, DataConfig, TrainConfig, load_config, to_yaml  # noqa: E402
+from pipelines.config import Config, ConfigError, DataConfig, load_config, to_yaml  # noqa: E402
 from pipelines.demo_data import write_digits  # noqa: E402
 from pipelines.reading import DataError, Source, open_source  # noqa: E402
 from pipelines.console import Follow  # noqa: E402
@@ -76,14 +76,17 @@ def prepare_data(d: DataConfig) -> Source:
     return open_source(d.format, d.path, d.s3_endpoint, d.s3_region, d.s3_credentials_file)
 
 
-def iters_per_epoch(train: TrainConfig, num_workers: int, num_images: int) -> int:
-    """Batches each worker sees per epoch: the stream is split equally, last batch dropped."""
-    n = (num_images // num_workers) // train.batch_size
-    if n < train.accum_iter:
-        raise ConfigError(
-            f"train.batch_size: {num_images} images over {num_workers} workers give {n} batches "
-            f"of {train.batch_size} per epoch, fewer than train.accum_iter={train.accum_iter}")
-    return n
+def check_epoch(cfg: Config, num_images: int) -> None:
+    """Every worker count the run may have gives an epoch at least one optimizer step: each
+    worker gets an equal share of the stream in whole batches, the last batch dropped."""
+    t = cfg.train
+    for workers in cfg.worker_counts:
+        batches = (num_images // workers) // t.batch_size
+        if batches < cfg.accum_iter(workers):
+            raise ConfigError(
+                f"train.batch_size: {num_images} images over {workers} workers give {batches} batches of "
+                f"{t.batch_size} per epoch, fewer than the {cfg.accum_iter(workers)} micro-batches of one "
+                f"optimizer step of {cfg.effective_batch} images")
 
 
 def check_storage(cfg: Config) -> None:
@@ -99,14 +102,15 @@ def build_trainer(cfg: Config, stream: Lanes, num_images: int, held_out: list[by
     """The TorchTrainer of a run over `stream`'s lanes (rows: uint8 HWC `image`, `label`,
     `skipped`) of `num_images` per epoch; `held_out`: encoded images for the figures."""
     root, row, s = cfg.storage_root(), cfg.accelerator, cfg.scaling
-    iters = iters_per_epoch(cfg.train, s.num_workers, num_images)
+    workers = s.num_workers if s.min_workers is None else (s.min_workers, s.num_workers)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "iters_per_epoch": iters, "storage": root.child(cfg.run.name),
+        train_loop_config={"cfg": cfg.to_dict(), "num_images": num_images, "storage": root.child(cfg.run.name),
                            "stream": stream.key, "held_out": held_out},
         torch_config=AcceleratorTorchConfig(accelerator=row),
-        scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=row.resource == "GPU",
-                                               resources_per_worker=row.worker_resources(s.cpus_per_worker)),
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=row.resource == "GPU",
+                                               resources_per_worker=row.worker_resources(s.cpus_per_worker),
+                                               elastic_resize_monitor_interval_s=s.resize_check_seconds),
         run_config=ray.train.RunConfig(
             name=cfg.run.name, storage_path=root.root, storage_filesystem=root.fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
@@ -135,7 +139,7 @@ def main(argv=None) -> int:
         if args.plan:
             return print_plan(cfg, args.accelerator_rate)
         source = prepare_data(cfg.data)
-        iters_per_epoch(cfg.train, cfg.scaling.num_workers, len(source))
+        check_epoch(cfg, len(source))
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -167,7 +171,7 @@ def run(cfg: Config, source: Source, lease: Lease) -> int:
     row, s = cfg.accelerator, cfg.scaling
     try:
         check_storage(cfg)
-        check_cluster(row, s.num_workers, row.worker_resources(s.cpus_per_worker), cfg.data.min_cpus)
+        check_cluster(row, cfg.worker_counts[0], row.worker_resources(s.cpus_per_worker), cfg.data.min_cpus)
     except (ConfigError, PreflightError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

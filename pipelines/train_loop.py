@@ -27,10 +27,10 @@ from cluster.accelerators import Accelerator, prepare_device
 from cluster.storage import Storage
 from mae.checkpoint import checkpoint_dir_name
 from mae.model import preset
-from mae.recipe import fractional_epoch, lr_at, scaled_lr, set_lr
+from mae.recipe import fractional_epoch, lr_at, set_lr
 from mae.transforms import eval_crops, normalize_on_device
 from mae.visualize import grid_png, reconstruct
-from pipelines.config import ModelConfig, OptimConfig, TrainConfig, from_dict
+from pipelines.config import Config, ModelConfig, from_dict
 from pipelines.console import flush_to_driver, forward_to_driver
 from pipelines.errors import FatalError
 from pipelines.run_files import RunLog, end_attempt, ended_by
@@ -74,8 +74,12 @@ class StepConfig:
 
 @dataclass
 class Schedule:
-    """The run's time axis: how many batches an epoch has, where the lr comes from, and
-    when to log and checkpoint."""
+    """The run's time axis at this worker-group size: how many batches an epoch has, where
+    the lr comes from, and when to log and checkpoint.
+
+    The effective batch is the config's at every size, so an epoch has the same number of
+    optimizer steps (floor(images / effective batch)) at every size, and the lr of its k-th
+    step is the schedule's at fractional epoch epoch + k / steps_per_epoch."""
     iters_per_epoch: int  # data batches per worker per epoch (the reference's len(loader))
     accum_iter: int
     peak_lr: float
@@ -87,18 +91,24 @@ class Schedule:
     checkpoint_every_steps: int = 0  # 0: at epoch ends only
 
     @classmethod
-    def of(cls, optim: OptimConfig, train: TrainConfig, iters_per_epoch: int, world: int) -> "Schedule":
-        peak = optim.lr or scaled_lr(optim.blr, train.batch_size, train.accum_iter, world)
-        return cls(iters_per_epoch, train.accum_iter, peak, optim.min_lr, optim.warmup_epochs, train.epochs,
-                   train.batch_size * train.accum_iter * world, train.log_every_steps, train.checkpoint_every_steps)
+    def of(cls, cfg: Config, num_images: int, world: int) -> "Schedule":
+        o, t = cfg.optim, cfg.train
+        effective = cfg.effective_batch
+        peak = o.lr or o.blr * effective / 256
+        iters = (num_images // world) // t.batch_size
+        return cls(iters, cfg.accum_iter(world), peak, o.min_lr, o.warmup_epochs, t.epochs, effective,
+                   t.log_every_steps, t.checkpoint_every_steps)
 
     @property
     def steps_per_epoch(self) -> int:
         return self.iters_per_epoch // self.accum_iter
 
+    def fraction(self, epoch: int, iteration: int) -> float:
+        """The fractional epoch of the optimizer step that micro-batch `iteration` belongs to."""
+        return fractional_epoch(epoch, iteration // self.accum_iter, self.steps_per_epoch)
+
     def lr(self, epoch: int, iteration: int) -> float:
-        t = fractional_epoch(epoch, iteration, self.iters_per_epoch)
-        return lr_at(t, self.peak_lr, self.min_lr, self.warmup_epochs, self.epochs)
+        return lr_at(self.fraction(epoch, iteration), self.peak_lr, self.min_lr, self.warmup_epochs, self.epochs)
 
 
 @dataclass
@@ -109,6 +119,7 @@ class EpochLog:
     first: int = 0  # first step index of the epoch this attempt runs (> 0 after a mid-epoch resume)
     lrs: list[float] = field(default_factory=list)
     epochs: list[float] = field(default_factory=list)
+    images: list[int] = field(default_factory=list)  # images that went into each step, over all workers
     synced: list[float] = field(default_factory=list)
     skipped: int = 0  # images the stream skipped this epoch (rank 0, set at the epoch's end)
     written: int = 0  # records already written to steps.jsonl (by a mid-epoch checkpoint)
@@ -117,7 +128,8 @@ class EpochLog:
     def records(self, last_step: int) -> list[dict]:
         """Step records synced but not yet written; `last_step` is the global step of the last."""
         base = last_step - len(self.synced) + 1
-        new = [{"step": base + j, "epoch": self.epochs[j], "loss": self.synced[j], "lr": self.lrs[j]}
+        new = [{"step": base + j, "epoch": self.epochs[j], "loss": self.synced[j], "lr": self.lrs[j],
+                "images": self.images[j]}
                for j in range(self.written, len(self.synced))]
         self.written = len(self.synced)
         return new
@@ -188,16 +200,17 @@ def train(config: dict) -> None:
     cfg = from_dict(config["cfg"])
     row = cfg.accelerator
     worker, placement = start_worker(row, cfg.train.precision)
-    sched = Schedule.of(cfg.optim, cfg.train, config["iters_per_epoch"], worker.world)
+    sched = Schedule.of(cfg, config["num_images"], worker.world)
     state = build_state(cfg.model, cfg.optim, cfg.train, row, worker.device, sched.peak_lr)
+    state.micro_batch_images = cfg.train.batch_size * worker.world
     ckpt, source = starting_checkpoint(cfg.run)
     restore(state, ckpt, sched.steps_per_epoch)
     if cfg.train.compile and not row.compiles:
         logger.warning("train.compile: torch.compile is not supported on %s; running eager", row.device_type)
     model = wrap_model(state.model, cfg.train.compile and row.compiles, worker.world)
-    step = StepConfig(worker.device, cfg.model.mask_ratio, cfg.train.accum_iter, AMP_DTYPES[cfg.train.precision])
+    step = StepConfig(worker.device, cfg.model.mask_ratio, sched.accum_iter, AMP_DTYPES[cfg.train.precision])
     placements = gather_objects(placement, worker.world)
-    reporter = Reporter(worker, run_record(cfg), config["storage"])
+    reporter = Reporter(worker, run_record(cfg, worker.world, sched.accum_iter), config["storage"])
     if worker.is_chief:
         tracker = None
         if cfg.run.mlflow_tracking_uri:
@@ -331,18 +344,21 @@ def train_one_epoch(loop: Loop, state: State, batches, epoch: int) -> EpochLog:
             continue  # the stream runs to its end, so that its skip count is complete
         j = i // accum - log.first
         if i % accum == 0:
+            step_rows = 0
             lr = sched.lr(epoch, i)
             set_lr(state.optimizer, lr)
             log.lrs.append(lr)
-            log.epochs.append(fractional_epoch(epoch, i, sched.iters_per_epoch))
+            log.epochs.append(sched.fraction(epoch, i))
         if inputs is None and worker.device.type == "cpu":
             n, h, w, _ = batch["image"].shape
             inputs = torch.empty((n, 3, h, w))
         last_micro = (i + 1) % accum == 0
         loss = micro_step(loop.model, batch["image"], loop.step, state.scaler, sync_grads=last_micro, inputs=inputs)
         log.losses[j] += loss.float() / accum
+        step_rows += len(batch["image"])
         if not last_micro:
             continue
+        log.images.append(step_rows * worker.world)
         optimizer_step(state.optimizer, state.scaler)
         state.step += 1
         if (j + 1) % sched.log_every_steps == 0:

@@ -1,5 +1,5 @@
 """What a training worker saves and restores: model, optimizer, scaler and the position in
-the run (epoch, micro-batch within it, optimizer steps done).
+the run (epoch, images of it done, optimizer steps done), and how it writes checkpoints.
 
 Where a run starts from, in this order: the run's own latest checkpoint (Ray Train's
 `get_checkpoint()`, after a re-submission or a worker failure), else `run.resume_from` (a
@@ -26,6 +26,7 @@ from mae.checkpoint import CHECKPOINT_FILE, load_checkpoint, load_mae_state, mod
 from mae.export import HF_CONFIG, HF_WEIGHTS, read_hf
 from mae.recipe import build_optimizer
 from pipelines.config import Config, ModelConfig, OptimConfig, RunConfig, TrainConfig
+from pipelines.errors import FatalError
 
 logger = logging.getLogger("mae.train")
 
@@ -39,6 +40,7 @@ class State:
     epoch: int = 0  # epoch to train next (or to continue)
     iteration: int = 0  # micro-batch of `epoch` to continue at (0 unless resumed mid-epoch)
     step: int = 0  # optimizer steps completed so far
+    micro_batch_images: int = 1  # images one micro-batch takes over all workers (batch x workers)
 
 
 def build_state(model: ModelConfig, optim: OptimConfig, train: TrainConfig, row: Accelerator, device: torch.device,
@@ -98,31 +100,39 @@ def restore(state: State, ckpt: dict | None, steps_per_epoch: int) -> None:
     state.optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt.get("scaler"):
         state.scaler.load_state_dict(ckpt["scaler"])
-    position = ckpt.get("position") or {"epoch": ckpt["epoch"] + 1, "iteration": 0}
-    state.epoch, state.iteration = position["epoch"], position["iteration"]
+    position = ckpt.get("position") or {"epoch": ckpt["epoch"] + 1, "images": 0}
+    state.epoch, state.iteration = position["epoch"], position.get("iteration", 0)
+    if "images" in position:  # counted in images, so that it resumes at any worker count
+        state.iteration, rest = divmod(position["images"], state.micro_batch_images)
+        if rest:
+            raise FatalError(f"the checkpoint stops at image {position['images']} of epoch {position['epoch']}, "
+                             f"which is not a whole number of micro-batches of {state.micro_batch_images} images "
+                             "at this worker count; resume it with train.effective_batch unchanged")
     state.step = ckpt.get("step", state.epoch * steps_per_epoch)
 
 
-def run_record(cfg: Config) -> dict:
+def run_record(cfg: Config, world: int, accum_iter: int) -> dict:
     """What every checkpoint of a run records of its configuration: the reference's `args`
     (a plain dict of its argument names) and our nested `config` (which holds no credentials:
     config.CREDENTIAL_KEYS are never config values)."""
     m, t, o = cfg.model, cfg.train, cfg.optim
     args = {"model": m.name, "input_size": m.input_size, "mask_ratio": m.mask_ratio,
-            "norm_pix_loss": m.norm_pix_loss, "batch_size": t.batch_size, "accum_iter": t.accum_iter,
+            "norm_pix_loss": m.norm_pix_loss, "batch_size": t.batch_size, "accum_iter": accum_iter,
             "epochs": t.epochs, "warmup_epochs": o.warmup_epochs, "blr": o.blr, "lr": o.lr,
             "min_lr": o.min_lr, "weight_decay": o.weight_decay, "seed": t.seed,
-            "data_path": cfg.data.path, "world_size": cfg.scaling.num_workers}
+            "data_path": cfg.data.path, "world_size": world}
     return {"args": args, "config": cfg.to_dict()}
 
 
 def checkpoint_dict(state: State, record: dict) -> dict:
     """The reference's keys ({'model', 'optimizer', 'epoch', 'scaler', 'args'}; `epoch` the
     last completed one) plus ours: `step` (optimizer steps done), `position` (where to
-    continue: epoch and micro-batch) and the nested `config` (`record`: from `run_record`)."""
+    continue: the epoch and the images of it done, at any worker count) and the nested
+    `config` (`record`: from `run_record`)."""
     return {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
             "epoch": state.epoch - 1, "scaler": state.scaler.state_dict(), "args": record["args"],
-            "step": state.step, "position": {"epoch": state.epoch, "iteration": state.iteration},
+            "step": state.step,
+            "position": {"epoch": state.epoch, "images": state.iteration * state.micro_batch_images},
             "config": record["config"]}
 
 
@@ -176,7 +186,8 @@ class CheckpointWriter:
     def submit(self, state: "State", record: dict, metrics: dict, name: str) -> None:
         t0 = time.perf_counter()
         self.wait()
-        host = to_host(checkpoint_dict(state, record), pin=next(state.model.parameters()).is_cuda)
+        ckpt = checkpoint_dict(state, record)
+        host = ckpt if self.synchronous else to_host(ckpt, pin=next(state.model.parameters()).is_cuda)
         self.idle.clear()
         folder = tempfile.mkdtemp(prefix="mae-checkpoint-")
         mode = CheckpointUploadMode.SYNC if self.synchronous else CheckpointUploadMode.ASYNC

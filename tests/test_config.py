@@ -73,3 +73,28 @@ def test_entry_point_exits_2_with_one_line_before_any_work(tmp_path, capsys):
                  "data.build_demo=false", f"run.storage_path={tmp_path}"]) == 2
     assert "has no train/ folder" in capsys.readouterr().err
     assert not (tmp_path / "debug").exists()  # nothing written before the error
+
+
+def test_an_elastic_range_keeps_the_effective_batch_at_every_size():
+    cfg = load_config("configs/debug.yaml", ["scaling.min_workers=2", "scaling.num_workers=3", "train.batch_size=4",
+                                             "train.effective_batch=24"])
+    assert list(cfg.worker_counts) == [2, 3]
+    assert [cfg.accum_iter(w) * w * 4 for w in cfg.worker_counts] == [24, 24]
+    assert (cfg.accum_iter(2), cfg.accum_iter(3)) == (3, 2)
+    # without train.effective_batch, the effective batch is the one at scaling.num_workers
+    cfg = load_config("configs/debug.yaml", ["scaling.min_workers=1", "scaling.num_workers=2", "train.accum_iter=2"])
+    assert cfg.effective_batch == 32 * 2 * 2 and (cfg.accum_iter(1), cfg.accum_iter(2)) == (4, 2)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["scaling.min_workers=2", "scaling.num_workers=5", "train.batch_size=4", "train.effective_batch=24"],
+     "train.effective_batch: 24 is not allowed; 24 images per step cannot be split into micro-batches of "
+     "train.batch_size=4 at 4, 5 workers"),
+    (["scaling.min_workers=3", "scaling.num_workers=2"], "scaling.min_workers: 3 is not allowed"),
+    (["train.effective_batch=128", "train.accum_iter=3"], "train.effective_batch: 128 is not allowed; set it or "
+                                                          "train.accum_iter, not both"),
+])
+def test_elastic_sizes_that_cannot_keep_the_recipe_are_refused(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/debug.yaml", overrides)
+    assert str(e.value).startswith(message)

@@ -87,3 +87,17 @@ def test_accumulating_k_micro_batches_equals_one_step_on_k_times_the_batch(proce
     optimizer_step(sgd_acc, scaler)
     for p_big, p_acc in zip(big.parameters(), accum.module.parameters()):
         torch.testing.assert_close(p_acc, p_big, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("num_images", [1797, 1437, 4096 * 3 + 17])
+def test_every_worker_count_gives_the_same_steps_and_lr_per_step(num_images):
+    from pipelines.config import load_config
+    from pipelines.train_loop import Schedule
+    cfg = load_config("configs/debug.yaml", ["scaling.min_workers=1", "scaling.num_workers=6", "train.batch_size=4",
+                                             "train.effective_batch=240", "train.epochs=3", "optim.warmup_epochs=1"])
+    schedules = {w: Schedule.of(cfg, num_images, w) for w in cfg.worker_counts}
+    assert {s.steps_per_epoch for s in schedules.values()} == {num_images // 240}
+    assert {s.images_per_step for s in schedules.values()} == {240}
+    for epoch in range(3):
+        lrs = {w: [s.lr(epoch, k * s.accum_iter) for k in range(s.steps_per_epoch)] for w, s in schedules.items()}
+        assert all(v == lrs[1] for v in lrs.values())

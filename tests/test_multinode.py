@@ -1,0 +1,141 @@
+"""Many nodes, and losing some: a Ray cluster of several nodes on this machine (Ray's own
+`ray.cluster_utils.Cluster`: every node its own raylet, object store, CPUs and `sdaa`
+unit), run storage on the S3-compatible server (no path is shared between nodes for the
+run's files), nodes killed mid-run and added back."""
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import pyarrow.fs as pafs
+import pytest
+
+from conftest import ROOT, wait_for
+from mae.recipe import lr_at
+
+pytestmark = pytest.mark.slow
+MB = 2**20
+TRAIN_NODE = {"num_cpus": 1, "resources": {"sdaa": 1}, "object_store_memory": 120 * MB}  # one training worker each
+DECODE_NODE = {"num_cpus": 1, "object_store_memory": 120 * MB}  # no sdaa: only Ray Data runs there
+BATCH, EFFECTIVE = 16, 96  # 3 workers x accum 2, or 2 workers x accum 3
+STEPS = 1438 // EFFECTIVE  # optimizer steps per epoch of the demo digits, at every worker count: 14
+
+
+@pytest.fixture
+def cluster():
+    """A head node (the drivers, Ray Train's controller, decoding) and three training nodes;
+    tests add and remove nodes. Separate from the shared single-node cluster."""
+    from ray.cluster_utils import Cluster
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 150 * MB,
+                                                       "node_ip_address": "127.0.0.1"})
+    for _ in range(3):
+        c.add_node(node_ip_address="127.0.0.1", **TRAIN_NODE)
+    c.wait_for_nodes()
+    yield c
+    c.shutdown()
+
+
+class S3Run:
+    """A run directory on the S3 server, read as a node that shares no path with the others would."""
+
+    def __init__(self, endpoint: str, name: str):
+        self.fs = pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", force_virtual_addressing=False)
+        self.path = f"runs/multinode/{name}"
+        self.overrides = ["run.storage_path=s3://runs/multinode", f"run.s3_endpoint={endpoint}", f"run.name={name}"]
+
+    def text(self, name: str) -> str:
+        try:
+            with self.fs.open_input_stream(f"{self.path}/{name}") as f:
+                return f.read().decode()
+        except FileNotFoundError:
+            return ""
+
+    def jsonl(self, name: str) -> list[dict]:
+        return [json.loads(line) for line in self.text(name).splitlines()]
+
+    def registered(self) -> list[str]:
+        text = self.text("checkpoint_manager_snapshot.json")
+        return [r["checkpoint_dir_name"] for r in json.loads(text)["checkpoint_results"]] if text else []
+
+
+def start(cluster, digits, run: S3Run, *overrides):
+    cmd = [sys.executable, "pipelines/pretrain.py", "--config", "configs/debug.yaml", f"data.path={digits}",
+           "scaling.accelerator=sdaa", "scaling.device_type=cpu", "scaling.cpus_per_worker=1",
+           f"train.batch_size={BATCH}", f"train.effective_batch={EFFECTIVE}", "train.checkpoint_every_steps=5",
+           "run.max_failures=2", *run.overrides, *overrides]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "RAY_ADDRESS": cluster.address})
+    lines = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    return proc, lines
+
+
+def finish(proc, lines, timeout=900) -> str:
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        proc.kill()
+    out = "".join(lines)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def node_of(cluster, node_id: str):
+    return next(n for n in cluster.worker_nodes if n.node_id == node_id)
+
+
+def assert_every_epoch_and_step_once(run: S3Run, epochs: int) -> list[dict]:
+    assert [m["epoch"] for m in run.jsonl("metrics.jsonl")] == list(range(epochs))
+    steps = run.jsonl("steps.jsonl")
+    assert [s["step"] for s in steps] == list(range(1, epochs * STEPS + 1))
+    return steps
+
+
+def test_elastic_run_shrinks_when_a_training_node_dies_and_grows_when_one_comes_back(cluster, s3_server, digits):
+    run = S3Run(s3_server, "elastic")
+    epochs = 4
+    proc, lines = start(cluster, digits, run, f"train.epochs={epochs}", "scaling.num_workers=3",
+                        "scaling.min_workers=2", "scaling.resize_check_seconds=5")
+    wait_for(lambda: run.registered(), 400, "the first checkpoint")
+    (first,) = run.jsonl("attempts.jsonl")
+    assert len(first["workers"]) == 3 and len({w["node_id"] for w in first["workers"]}) == 3
+    saved = run.registered()[-1]
+    cluster.remove_node(node_of(cluster, first["workers"][1]["node_id"]), allow_graceful=False)  # mid-epoch
+    wait_for(lambda: len(run.jsonl("attempts.jsonl")) >= 2, 300, "the restart on the two nodes left")
+    cluster.add_node(node_ip_address="127.0.0.1", **TRAIN_NODE)  # a replacement comes up
+    wait_for(lambda: len(run.jsonl("attempts.jsonl")) >= 3 or proc.poll() is not None, 300, "the group to grow")
+    finish(proc, lines)
+
+    attempts = run.jsonl("attempts.jsonl")
+    assert [len(a["workers"]) for a in attempts] == [3, 2, 3]
+    for a in attempts:  # one worker per node; each start from where a checkpoint had got to
+        assert len({w["node_id"] for w in a["workers"]}) == len(a["workers"])
+    shrunk, grown = attempts[1], attempts[2]
+    assert shrunk["source"].startswith("the run's latest checkpoint") and shrunk["step"] >= int(saved.split("_")[-1])
+    assert grown["source"].startswith("the run's latest checkpoint") and grown["step"] >= shrunk["step"]
+    assert first["workers"][1]["node_id"] not in {w["node_id"] for w in shrunk["workers"]}
+    steps = assert_every_epoch_and_step_once(run, epochs)
+    peak = 1e-3 * EFFECTIVE / 256  # debug.yaml: blr 1e-3, one warmup epoch
+    for s in steps:
+        epoch, k = divmod(s["step"] - 1, STEPS)
+        assert s["images"] == EFFECTIVE
+        assert s["epoch"] == pytest.approx(epoch + k / STEPS, abs=1e-12)
+        assert s["lr"] == pytest.approx(lr_at(epoch + k / STEPS, peak, 0.0, 1, epochs), rel=1e-9, abs=1e-15)
+
+
+def test_run_survives_the_loss_of_a_node_that_only_decodes(cluster, s3_server, digits):
+    decoder = cluster.add_node(node_ip_address="127.0.0.1", **DECODE_NODE)
+    cluster.add_node(node_ip_address="127.0.0.1", **DECODE_NODE)
+    run = S3Run(s3_server, "decoder-lost")
+    epochs = 3
+    proc, lines = start(cluster, digits, run, f"train.epochs={epochs}", "scaling.num_workers=3")
+    wait_for(lambda: run.registered(), 400, "the first checkpoint")
+    (first,) = run.jsonl("attempts.jsonl")
+    assert decoder.node_id not in {w["node_id"] for w in first["workers"]}
+    cluster.remove_node(decoder, allow_graceful=False)
+    finish(proc, lines)
+    assert_every_epoch_and_step_once(run, epochs)
+    for a in run.jsonl("attempts.jsonl"):  # any restart was from a checkpoint, on the three training nodes
+        assert len({w["node_id"] for w in a["workers"]}) == 3
+        assert a["source"] == "fresh weights" or a["source"].startswith("the run's latest checkpoint")
