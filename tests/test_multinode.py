@@ -27,10 +27,9 @@ def cluster():
     """A head node (the drivers, Ray Train's controller, decoding) and three training nodes;
     tests add and remove nodes. Separate from the shared single-node cluster."""
     from ray.cluster_utils import Cluster
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 150 * MB,
-                                                       "node_ip_address": "127.0.0.1"})
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 150 * MB})
     for _ in range(3):
-        c.add_node(node_ip_address="127.0.0.1", **TRAIN_NODE)
+        c.add_node(**TRAIN_NODE)
     c.wait_for_nodes()
     yield c
     c.shutdown()
@@ -71,6 +70,15 @@ def start(cluster, digits, run: S3Run, *overrides):
     return proc, lines
 
 
+def waiting(proc, lines, predicate, timeout: float, what: str) -> None:
+    """wait_for, with the driver's output when the run ended or the wait timed out."""
+    try:
+        wait_for(lambda: predicate() or proc.poll() is not None, timeout, what)
+    except AssertionError as e:
+        raise AssertionError(f"{e}; the driver printed:\n{''.join(lines)[-4000:]}") from None
+    assert predicate(), f"the run ended before {what}:\n{''.join(lines)[-4000:]}"
+
+
 def finish(proc, lines, timeout=900) -> str:
     try:
         proc.wait(timeout=timeout)
@@ -97,14 +105,14 @@ def test_elastic_run_shrinks_when_a_training_node_dies_and_grows_when_one_comes_
     epochs = 4
     proc, lines = start(cluster, digits, run, f"train.epochs={epochs}", "scaling.num_workers=3",
                         "scaling.min_workers=2", "scaling.resize_check_seconds=5")
-    wait_for(lambda: run.registered(), 400, "the first checkpoint")
+    waiting(proc, lines, run.registered, 400, "the first checkpoint")
     (first,) = run.jsonl("attempts.jsonl")
     assert len(first["workers"]) == 3 and len({w["node_id"] for w in first["workers"]}) == 3
     saved = run.registered()[-1]
     cluster.remove_node(node_of(cluster, first["workers"][1]["node_id"]), allow_graceful=False)  # mid-epoch
-    wait_for(lambda: len(run.jsonl("attempts.jsonl")) >= 2, 300, "the restart on the two nodes left")
-    cluster.add_node(node_ip_address="127.0.0.1", **TRAIN_NODE)  # a replacement comes up
-    wait_for(lambda: len(run.jsonl("attempts.jsonl")) >= 3 or proc.poll() is not None, 300, "the group to grow")
+    waiting(proc, lines, lambda: len(run.jsonl("attempts.jsonl")) >= 2, 300, "the restart on the two nodes left")
+    cluster.add_node(**TRAIN_NODE)  # a replacement comes up
+    waiting(proc, lines, lambda: len(run.jsonl("attempts.jsonl")) >= 3, 300, "the group to grow")
     finish(proc, lines)
 
     attempts = run.jsonl("attempts.jsonl")
@@ -125,12 +133,12 @@ def test_elastic_run_shrinks_when_a_training_node_dies_and_grows_when_one_comes_
 
 
 def test_run_survives_the_loss_of_a_node_that_only_decodes(cluster, s3_server, digits):
-    decoder = cluster.add_node(node_ip_address="127.0.0.1", **DECODE_NODE)
-    cluster.add_node(node_ip_address="127.0.0.1", **DECODE_NODE)
+    decoder = cluster.add_node(**DECODE_NODE)
+    cluster.add_node(**DECODE_NODE)
     run = S3Run(s3_server, "decoder-lost")
     epochs = 3
     proc, lines = start(cluster, digits, run, f"train.epochs={epochs}", "scaling.num_workers=3")
-    wait_for(lambda: run.registered(), 400, "the first checkpoint")
+    waiting(proc, lines, run.registered, 400, "the first checkpoint")
     (first,) = run.jsonl("attempts.jsonl")
     assert decoder.node_id not in {w["node_id"] for w in first["workers"]}
     cluster.remove_node(decoder, allow_graceful=False)
