@@ -6,6 +6,8 @@ it does and which public API it stands in for. All of it was tested on the Ray v
 once with one line naming that range, so a Ray upgrade cannot silently change what the
 stream or the workers do (an epoch that stopped reshuffling, say).
 """
+import os
+
 import ray
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
@@ -44,8 +46,8 @@ from ray.data._internal.execution.execution_callback import ExecutionCallback  #
 from ray.train.torch.config import _TorchBackend as TorchBackend  # noqa: E402
 
 __all__ = ["BackpressurePolicy", "ExecutionCallback", "TorchBackend", "concurrency_cap", "executor_tasks_running",
-           "is_map_operator", "output_bytes_held", "policy_config", "run_on_workers", "tasks_running",
-           "use_backpressure_policies"]
+           "is_map_operator", "launchable_node_types", "output_bytes_held", "policy_config", "run_on_workers",
+           "tasks_running", "use_backpressure_policies"]
 
 
 def use_backpressure_policies(context: ray.data.DataContext, policies: list[type]) -> None:
@@ -89,3 +91,47 @@ def run_on_workers(worker_group, fn, *args) -> list:
     """`fn(*args)` on every worker of a Ray Train worker group, in rank order (the backend's
     `worker_group.execute`; public stand-in: none before the process group exists)."""
     return worker_group.execute(fn, *args)
+
+
+def launchable_node_types() -> list[dict] | None:
+    """The worker node types the cluster's autoscaler can launch, each {"name", "resources",
+    "max_count"} (max_count -1: no limit); None when no autoscaler is found.
+
+    Ray core, tested on 2.60.0. Public stand-in: none (`ray.autoscaler.v2.sdk.get_cluster_status`
+    lists nodes up or pending, not the types that could be launched). Two sources, in order:
+    the node groups reported to the GCS (`ray._private.state.state.get_cluster_config()`,
+    which KubeRay and the v2 autoscaler fill), else the `--autoscaling-config` file of the v1
+    autoscaler's monitor process on this machine, which is the head node when the run was
+    submitted with `ray job submit` (its entrypoint runs there)."""
+    config = ray._private.state.state.get_cluster_config()
+    if config is not None and config.node_group_configs:
+        return [{"name": g.name, "resources": {k: float(v) for k, v in g.resources.items()},
+                 "max_count": g.max_count} for g in config.node_group_configs]
+    path = _monitor_autoscaling_config(ray.get_runtime_context().gcs_address)
+    if path is None:
+        return None
+    import yaml
+    with open(os.path.expanduser(path)) as f:
+        cfg = yaml.safe_load(f)
+    head = cfg.get("head_node_type")
+    return [{"name": name, "resources": {k: float(v) for k, v in (t.get("resources") or {}).items()},
+             "max_count": t.get("max_workers", cfg.get("max_workers", 0))}
+            for name, t in (cfg.get("available_node_types") or {}).items() if name != head]
+
+
+def _monitor_autoscaling_config(gcs_address: str) -> str | None:
+    """The `--autoscaling-config` of the v1 autoscaler monitor of the cluster at `gcs_address`
+    running on this machine (Ray starts it as `.../autoscaler/_private/monitor.py`)."""
+    port = gcs_address.rsplit(":", 1)[-1]
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if not any(a.endswith("autoscaler/_private/monitor.py") for a in argv):
+            continue
+        if not any(a.startswith("--gcs-address=") and a.rsplit(":", 1)[-1] == port for a in argv):
+            continue
+        return next((a.split("=", 1)[1] for a in argv if a.startswith("--autoscaling-config=")), None)
+    return None

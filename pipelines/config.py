@@ -136,6 +136,9 @@ class ScalingConfig:
     """Elastic: train with as many workers as the cluster can give between min_workers and
     num_workers, fewer when nodes go, more when they come back (Ray Train restarts the
     worker group from the latest checkpoint at its new size). null: always num_workers."""
+    preflight: bool = True
+    """Check before starting that the cluster (with the nodes its autoscaler can launch) can
+    ever hold the workers (the minimum of an elastic range); false: skip it, with a warning."""
     resize_check_seconds: float = 60.0
     """Elastic: how often a running group checks whether the cluster can give it another size."""
     accelerator: str = "cpu"

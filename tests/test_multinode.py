@@ -4,8 +4,11 @@ unit), run storage on the S3-compatible server (no path is shared between nodes 
 run's files), nodes killed mid-run and added back."""
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import threading
 
 import pyarrow.fs as pafs
@@ -147,3 +150,78 @@ def test_run_survives_the_loss_of_a_node_that_only_decodes(cluster, s3_server, d
     for a in run.jsonl("attempts.jsonl"):  # any restart was from a checkpoint, on the three training nodes
         assert len({w["node_id"] for w in a["workers"]}) == 3
         assert a["source"] == "fresh weights" or a["source"].startswith("the run's latest checkpoint")
+
+
+@pytest.fixture
+def autoscaling_head(tmp_path):
+    """A head node whose Ray autoscaler (v1, over Ray's fake multi-node provider, which starts
+    worker nodes as local processes when a request needs them) can launch up to two nodes of
+    type `sdaa_node`, none of them up. Yields its GCS address. Stopped by killing its own
+    processes (`ray stop` would stop the shared cluster too)."""
+    from conftest import RAY, _free_port
+    port = _free_port()
+    config = {
+        "cluster_name": "fake", "max_workers": 2, "idle_timeout_minutes": 5, "upscaling_speed": 1.0,
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True, "gcs_address": f"127.0.0.1:{port}"},
+        "auth": {"ssh_user": "ray"}, "docker": {}, "file_mounts": {}, "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
+        "initialization_commands": [], "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [],
+        "head_start_ray_commands": [], "worker_start_ray_commands": [], "head_node_type": "ray.head.default",
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 1}, "node_config": {}, "max_workers": 0},
+            "sdaa_node": {"resources": {"CPU": 1, "sdaa": 1}, "node_config": {}, "min_workers": 0, "max_workers": 2},
+        },
+    }
+    (tmp_path / "autoscaler.yaml").write_text(json.dumps(config))
+    temp_dir = tempfile.mkdtemp(prefix="ray-as-", dir="/tmp")
+    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    subprocess.run([RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+                    f"--autoscaling-config={tmp_path / 'autoscaler.yaml'}", f"--temp-dir={temp_dir}",
+                    "--include-dashboard=false", f"--object-store-memory={150 * MB}", "--disable-usage-stats"],
+                   check=True, env=env, capture_output=True)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if temp_dir.encode() in f.read():
+                        os.kill(int(pid), signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                pass
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_preflight_counts_the_nodes_the_autoscaler_can_launch(autoscaling_head, digits, tmp_path):
+    env = {**os.environ, "RAY_ADDRESS": autoscaling_head}
+    sdaa = [f"data.path={digits}", f"run.storage_path={tmp_path}", "scaling.accelerator=sdaa",
+            "scaling.device_type=cpu", "scaling.cpus_per_worker=1"]
+    pretrain = [sys.executable, "pipelines/pretrain.py", "--config", "configs/debug.yaml", *sdaa]
+    # more workers than the autoscaler could ever give: refused at once, naming what it can launch
+    three = subprocess.run([*pretrain, "scaling.num_workers=3"], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert three.returncode == 2, three.stdout + three.stderr
+    assert ("scaling: 3 workers x 1 sdaa need 3 sdaa; the cluster has 2 sdaa on 1 node(s) up and 2 its "
+            "autoscaler can launch (sdaa_node: up to 2 x {'CPU': 1.0, 'sdaa': 1.0})") in three.stderr
+    # what it can launch fits, though no such node is up yet
+    probe = ("import ray; from cluster.accelerators import resolve; from cluster.preflight import check_cluster;"
+             "ray.init(); assert [n['Resources'].get('sdaa', 0) for n in ray.nodes() if n['Alive']] == [0];"
+             "check_cluster(resolve('sdaa', 'cpu'), 2, {'CPU': 1.0, 'sdaa': 1.0}, 0.0); print('fits')")
+    fits = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert fits.returncode == 0 and fits.stdout.strip().endswith("fits"), fits.stderr[-3000:]
+    # an elastic range is checked at its minimum (3 here: more than the autoscaler can give)
+    elastic = subprocess.run([*pretrain, "scaling.num_workers=4", "scaling.min_workers=3", "train.batch_size=16",
+                              "train.effective_batch=192"], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert elastic.returncode == 2 and "scaling: 3 workers x 1 sdaa need 3 sdaa" in elastic.stderr, elastic.stderr
+    # scaling.preflight=false: not checked, with a warning (the run then waits for the workers)
+    unchecked = subprocess.Popen([*pretrain, "scaling.num_workers=3", "scaling.preflight=false"], cwd=ROOT, env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        warning = next(line for line in unchecked.stdout if "scaling.preflight=false" in line)
+    finally:
+        unchecked.terminate()
+        unchecked.wait(timeout=60)
+    assert warning.startswith("warning: scaling.preflight=false: the cluster's resources are not checked")
