@@ -46,8 +46,8 @@ from ray.data._internal.execution.execution_callback import ExecutionCallback  #
 from ray.train.torch.config import _TorchBackend as TorchBackend  # noqa: E402
 
 __all__ = ["BackpressurePolicy", "ExecutionCallback", "TorchBackend", "concurrency_cap", "executor_tasks_running",
-           "is_map_operator", "launchable_node_types", "output_bytes_held", "policy_config", "run_on_workers",
-           "tasks_running", "use_backpressure_policies"]
+           "hide_raylet_notices", "is_map_operator", "launchable_node_types", "output_bytes_held", "policy_config",
+           "run_on_workers", "tasks_running", "use_backpressure_policies"]
 
 
 def use_backpressure_policies(context: ray.data.DataContext, policies: list[type]) -> None:
@@ -135,3 +135,21 @@ def _monitor_autoscaling_config(gcs_address: str) -> str | None:
             continue
         return next((a.split("=", 1)[1] for a in argv if a.startswith("--autoscaling-config=")), None)
     return None
+
+
+def hide_raylet_notices(hidden) -> None:
+    """Keep the messages raylets broadcast to every driver for which `hidden(text)` is true
+    off this driver's console (they stay in the raylets' logs).
+
+    Ray core, tested on 2.60.0: the driver's `ray_listen_error_messages` thread prints them
+    through `ray._private.worker.print_to_stdstream` whatever `ray.init(log_to_driver=...)`
+    says. Public stand-in: none (`log_to_driver=False` silences the workers' output only)."""
+    import ray._private.worker as worker
+    show = worker.print_to_stdstream
+
+    def filtered(data, ignore_prefix: bool) -> None:
+        if data.get("pid") == "raylet" and all(hidden(line) for line in data.get("lines", [])):
+            return
+        show(data, ignore_prefix)
+
+    worker.print_to_stdstream = filtered

@@ -26,6 +26,7 @@ from ray.train.torch import TorchTrainer  # noqa: E402
 
 from cluster.lease import Lease, LeaseHeld  # noqa: E402
 from cluster.preflight import PreflightError, check_cluster  # noqa: E402
+from cluster.ray_compat import hide_raylet_notices  # noqa: E402
 from cluster.torch_backend import AcceleratorTorchConfig  # noqa: E402
 from pipelines.config import Config, ConfigError, DataConfig, load_config, to_yaml  # noqa: E402
 from pipelines.demo_data import write_digits  # noqa: E402
@@ -150,6 +151,8 @@ def main(argv=None) -> int:
     ray.init(ignore_reinit_error=True, log_to_driver=verbose,
              logging_level=logging.INFO if verbose else logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False  # the train loop logs progress
+    if not verbose:  # a hint about Ray's worker pool (the stream and the train loop start a dozen actors and tasks)
+        hide_raylet_notices(lambda text: "worker processes have been started on node" in text)
     try:
         lease = Lease.acquire(cfg.run_storage(), ttl=cfg.run.lease_ttl_seconds)
     except LeaseHeld as e:
