@@ -87,7 +87,7 @@ def run(storage_path: str, model: str, args, endpoint: str | None = None) -> dic
     return {"model": model, "synchronous_stall_s": round(sync, 3), "ours_stall_s": round(ours, 3),
             "ratio": round(sync / ours, 2),
             "ours_background_s": round(sum(result["ours"]["background_s"]) / args.checkpoints, 3),
-            "checkpoint_gb": round(result["bytes"] / 1e9, 3)}
+            "checkpoint_gb": round(result["bytes"] / 1e9, 3), "checkpoint_bytes": result["bytes"]}
 
 
 def s3_server() -> tuple[subprocess.Popen, str]:

@@ -37,7 +37,7 @@ from mae.transforms import IMAGENET_MEAN, IMAGENET_STD, REGION_DECODE, normalize
 from pipelines.config import DataConfig  # noqa: E402
 from pipelines.reading import open_source  # noqa: E402
 from pipelines.skips import skip_counter  # noqa: E402
-from pipelines.lanes import EpochStreams  # noqa: E402
+from pipelines.lanes import DTYPES, EpochStreams  # noqa: E402
 from pipelines.stream import training_stream  # noqa: E402
 
 
@@ -103,7 +103,7 @@ def ours(data: str, fmt: str, cpus: int, seconds: float, batch: int, size: int, 
         lanes = training_stream(open_source(fmt, data, endpoint), DataConfig(), size, seed=0)
         streams = EpochStreams(lanes.datasets, lanes.key, skip_counter(), plans=True, batch_size=batch,
                                drop_last=True, prefetch_batches=4,
-                               dtypes={"image": torch.uint8, "label": torch.int64, "skipped": torch.int8})
+                               dtypes=DTYPES)
         device, epochs_started = torch.device("cpu"), itertools.count()
         buffer = None  # the train loop reuses its input tensor on the CPU, as here
 

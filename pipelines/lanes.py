@@ -10,8 +10,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import ray
+import torch
 
 NAMES = ("train_even_epochs", "train_odd_epochs")  # the lanes' dataset names in Ray Train
+DTYPES = {"image": torch.uint8, "label": torch.int64, "skipped": torch.int8}  # of the batches' columns
 
 
 @dataclass(frozen=True)
@@ -42,12 +44,11 @@ class EpochStreams:
     def epoch(self, epoch: int, first_iteration: int = 0, following: int | None = None) -> Iterator[dict]:
         """Epoch `epoch`'s batches (a resumed one from micro-batch `first_iteration` on: its
         order is drawn anew); once the first is out, epoch `following` starts ahead."""
-        started = self.ahead
-        if started is None or started.epoch != epoch:
-            if started is not None:
-                raise RuntimeError(f"epoch {started.epoch} was started ahead, not epoch {epoch}")
+        started, self.ahead = self.ahead, None
+        if started is None:
             started = self._start(epoch, first_iteration)
-        self.ahead = None
+        elif started.epoch != epoch:
+            raise RuntimeError(f"epoch {started.epoch} was started ahead, not epoch {epoch}")
         first = started.first()
         if following is not None:
             self.ahead = self._start(following, 0)

@@ -28,7 +28,7 @@ import ray
 from pipelines.console import job_actor
 
 logger = logging.getLogger(__name__)
-ZERO = {"skipped": 0, "decoded": 0, "decode_seconds": 0.0}
+COUNTS = ("skipped", "decoded", "decode_seconds")
 
 
 @ray.remote(num_cpus=0)
@@ -38,7 +38,6 @@ class SkipCounter:
         self.generation_of: dict[tuple[str, int], int] = {}  # (stream, epoch) -> its last plan's generation
         self.tasks: dict[int, dict[int, tuple]] = {}  # generation -> read task index -> its counts
         self.expected: dict[int, int] = {}  # generation -> read tasks of the execution
-        self.unplanned = dict(ZERO)  # executions of a dataset nobody planned (evaluation, a plain iteration)
         self.generations = 0
 
     def plan(self, stream: str, lane: int, epoch: int, first_iteration: int = 0) -> None:
@@ -61,38 +60,29 @@ class SkipCounter:
         if generation in self.tasks:
             self.expected[generation] = tasks
 
-    def add(self, skipped: int, decoded: int = 0, seconds: float = 0.0, generation: int | None = None,
-            task: int = 0) -> None:
-        """Read task `task` of the execution planned as `generation` (None: unplanned) ended."""
-        if generation is None:
-            for key, value in zip(ZERO, (skipped, decoded, seconds)):
-                self.unplanned[key] += value
-        elif generation in self.tasks:  # else an earlier attempt's read task, or an epoch already taken
+    def add(self, skipped: int, decoded: int, seconds: float, generation: int, task: int) -> None:
+        """Read task `task` of the execution planned as `generation` ended (executions nobody
+        planned, such as an evaluation's, do not report)."""
+        if generation in self.tasks:  # else an earlier attempt's read task, or an epoch already taken
             self.tasks[generation][task] = (skipped, decoded, seconds)
 
-    def peek(self, stream: str | None = None, epoch: int | None = None) -> dict:
-        """What the read tasks of `stream`'s epoch `epoch` (None: of unplanned executions) have
-        reported so far, with `complete`: whether all of them have."""
-        if stream is None:
-            return {**self.unplanned, "complete": True}
+    def peek(self, stream: str, epoch: int) -> dict:
+        """What the read tasks of `stream`'s epoch `epoch` have reported so far, with
+        `complete`: whether all of them have."""
         generation = self.generation_of.get((stream, epoch))
         reported = self.tasks.get(generation, {})
         sums = [sum(column) for column in zip(*reported.values())] or [0, 0, 0.0]
-        return {**dict(zip(ZERO, sums)), "complete": len(reported) == self.expected.get(generation, -1)}
+        return {**dict(zip(COUNTS, sums)), "complete": len(reported) == self.expected.get(generation, -1)}
 
-    def take(self, stream: str | None = None, epoch: int | None = None, force: bool = False) -> dict | None:
+    def take(self, stream: str, epoch: int, force: bool = False) -> dict | None:
         """`peek`, after which the epoch is closed (late reports are dropped); None, leaving it
-        open, while some of its read tasks have not reported, unless `force`. For unplanned
-        executions, the counts restart from 0."""
+        open, while some of its read tasks have not reported, unless `force`."""
         counts = self.peek(stream, epoch)
         if not (counts["complete"] or force):
             return None
-        if stream is None:
-            self.unplanned = dict(ZERO)
-        else:
-            generation = self.generation_of.pop((stream, epoch), None)
-            self.tasks.pop(generation, None)
-            self.expected.pop(generation, None)
+        generation = self.generation_of.pop((stream, epoch), None)
+        self.tasks.pop(generation, None)
+        self.expected.pop(generation, None)
         return counts
 
 

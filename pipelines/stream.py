@@ -78,10 +78,11 @@ def _lanes(source: Source, data: DataConfig, input_size: int, seed: int, reserve
     else:  # each lane, while it is the one trained on, needs the whole default to keep its decoders busy
         store = resources.get("object_store_memory", float("inf"))
         ahead_bytes = int(min((3 * concurrency + 2) * block_bytes, store / (lanes + 1)))
+    num_tasks = datasource.num_tasks()
     datasets = []
     for lane in range(lanes):
         ds = ray.data.read_datasource(datasource.lane(lane), num_cpus=data.decode_cpus, concurrency=concurrency,
-                                      override_num_blocks=datasource.num_tasks())  # blocks of batch_size, unsplit
+                                      override_num_blocks=num_tasks)  # blocks of batch_size, unsplit
         # each decoded batch leaves its task as a block of its own, at once: by default Ray Data
         # merges blocks up to 128 MB, and a tar shard's crops reached training in bursts
         ds.context.target_max_block_size = block_bytes
@@ -278,8 +279,13 @@ class ImageDatasource(ray.data.Datasource):
         # a plain iteration), every execution draws a new order from OS entropy. Ray calls
         # this without a context only to plan (count the tasks).
         plan = ray.get(self.counter.planned.remote(self.key, self.lane_index)) if data_context else None
-        generation = plan[2] if plan else None
-        rng = np.random.default_rng([self.seed, plan[0], plan[1]] if plan else None if data_context else 0)
+        if data_context is None:  # counting the tasks: any order will do
+            rng, generation = np.random.default_rng(0), None
+        elif plan is None:  # nobody planned this execution: a fresh order, counts not kept
+            rng, generation = np.random.default_rng(), None
+        else:
+            epoch, first_iteration, generation = plan
+            rng = np.random.default_rng([self.seed, epoch, first_iteration])
         fs, fmt, size, augment, batch = self.source.fs, self.source.format, self.size, self.augment, self.batch_size
         threads, counter, retry = max(1, int(self.cpus)), self.counter, self.retry
         max_pixels, max_bytes, console = self.max_pixels, self.max_bytes, self.console
@@ -326,7 +332,8 @@ class ImageDatasource(ray.data.Datasource):
                                 f"{type(e).__name__}: {e}") from e
             if last is not None:
                 yield last
-            counter.add.remote(skipped, decoded, seconds, generation, index)  # not waited for: skips.py
+            if generation is not None:
+                counter.add.remote(skipped, decoded, seconds, generation, index)  # not waited for: skips.py
 
         def files(unit) -> tuple[str, ...]:
             return tuple(path for path, _ in unit) if fmt == "imagefolder" else (unit[0],) \

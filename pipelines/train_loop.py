@@ -35,7 +35,7 @@ from pipelines.console import flush_to_driver, forward_to_driver
 from pipelines.errors import FatalError
 from pipelines.run_files import RunLog, end_attempt, ended_by
 from pipelines.skips import epoch_counts, skip_counter
-from pipelines.lanes import NAMES as LANES, EpochStreams
+from pipelines.lanes import DTYPES, NAMES as LANES, EpochStreams
 from pipelines.train_state import (CheckpointWriter, State, build_state, restore, run_record,
                                    starting_checkpoint)
 
@@ -231,7 +231,7 @@ def train(config: dict) -> None:
     streams = EpochStreams([ray.train.get_dataset_shard(name) for name in LANES], config["stream"], counter,
                            plans=worker.is_chief, batch_size=cfg.train.batch_size, drop_last=True, device="cpu",
                            pin_memory=worker.device.type == "cuda", prefetch_batches=cfg.data.prefetch_batches,
-                           dtypes={"image": torch.uint8, "label": torch.int64, "skipped": torch.int8})
+                           dtypes=DTYPES)
     for epoch in range(state.epoch, sched.epochs):
         torch.manual_seed(hash((cfg.train.seed, worker.rank, epoch, state.iteration)) % 2**63)  # masking noise
         batches = streams.epoch(epoch, state.iteration, epoch + 1 if epoch + 1 < sched.epochs else None)

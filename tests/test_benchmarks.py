@@ -29,3 +29,17 @@ def test_ingest_benchmark_reports_the_cost_of_epoch_boundaries(digits):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["epochs_ratio"] == pytest.approx(result["epochs_images_per_sec"] / result["steady_images_per_sec"])
     assert 0 < result["epochs_images_per_sec"] and 0 < result["ratio"]
+
+
+@pytest.mark.slow
+def test_checkpoint_benchmark_measures_both_ways_on_local_disk_and_s3():
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the benchmark starts its own Ray
+    out = subprocess.run([sys.executable, "benchmarks/checkpoint.py", "--model", "mae_vit_tiny_patch4",
+                          "--s3-model", "mae_vit_tiny_patch4", "--checkpoints", "2"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    for where in ("local", "s3"):
+        r = result[where]
+        assert r["model"] == "mae_vit_tiny_patch4" and r["checkpoint_bytes"] > 0
+        assert r["synchronous_stall_s"] > 0 and r["ours_stall_s"] > 0 and r["ratio"] > 0

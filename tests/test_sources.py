@@ -9,7 +9,6 @@ import shutil
 import numpy as np
 import pyarrow.fs as pafs
 import pytest
-import torch
 from PIL import Image
 
 from mae.transforms import decode_rgb, eval_resize_crop
@@ -274,13 +273,13 @@ def test_one_shard_is_split_for_every_decoder_and_each_image_read_once(ray_clien
 def epoch_streams(source, augment: bool, batch: int = 4):
     """`EpochStreams` over `source`'s training lanes, read as the train loop reads them."""
     from pipelines.skips import skip_counter
-    from pipelines.lanes import EpochStreams
+    from pipelines.lanes import DTYPES, EpochStreams
     from pipelines.stream import training_stream
     data = DataConfig(decode_batch_size=batch, read_files_per_task=5)
     lanes = training_stream(source, data, SIZE, seed=0, augment=augment)
     return lanes.key, EpochStreams(lanes.datasets, lanes.key, skip_counter(), plans=True, batch_size=batch,
                                    prefetch_batches=1,
-                                   dtypes={"image": torch.uint8, "label": torch.int64, "skipped": torch.int8})
+                                   dtypes=DTYPES)
 
 
 def test_the_next_epoch_decodes_while_this_one_is_read_each_with_its_own_order_and_counts(ray_client, photos,
