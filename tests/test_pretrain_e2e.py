@@ -33,7 +33,7 @@ def test_two_workers_two_epochs_write_checkpoints_and_logs(run):
     steps_per_epoch = (1438 // 2) // 32  # 1,438 digits split over 2 workers, batch 32
     assert [s["step"] for s in run["first_steps"]] == list(range(1, 2 * steps_per_epoch + 1))
     assert all({"epoch", "train_loss", "train_lr", "images_per_sec"} <= m.keys() for m in run["first_metrics"])
-    assert all(set(s) == {"step", "epoch", "loss", "lr"} for s in run["first_steps"])
+    assert all(set(s) == {"step", "epoch", "loss", "lr", "images"} and s["images"] == 64 for s in run["first_steps"])
     assert "loss_curve.png" in run["first"].stdout and "metrics.jsonl" in run["first"].stdout
     assert (run["dir"] / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert "model:" in (run["dir"] / "config.yaml").read_text()
