@@ -15,7 +15,11 @@ $(STAMP): pyproject.toml setup.py csrc/jpeg_region.c
 
 demo: install
 	$(BIN)/python pipelines/pretrain.py --config configs/demo.yaml
-	$(BIN)/python pipelines/evaluate.py --checkpoint runs/demo --data data/digits --compare-random-init
+	$(BIN)/python pipelines/finetune.py --config configs/finetune_demo.yaml
+	$(BIN)/python pipelines/finetune.py --config configs/finetune_demo.yaml model.checkpoint=null \
+		run.name=demo_finetune_random_init
+	$(BIN)/python pipelines/linprobe.py --config configs/linprobe_demo.yaml
+	$(BIN)/python pipelines/results.py runs/demo_finetune runs/demo_finetune_random_init runs/demo_linprobe
 
 test: install
 	$(BIN)/python -m pytest -q tests

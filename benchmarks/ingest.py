@@ -2,15 +2,22 @@
 
     python benchmarks/ingest.py --data DIR [--format imagefolder|webdataset|parquet]
         [--baseline-data IMAGEFOLDER] [--seconds 20] [--cpus N] [--s3-endpoint URL] [--epochs N]
+        [--recipe pretrain|finetune]
 
 On the same machine, the same number of CPUs and in one process, it measures:
   (a) the baseline: `torch.utils.data.DataLoader` (num_workers = CPUs, shuffled, batch 64)
       over torchvision's `ImageFolder` of `--baseline-data` (default `--data`) with the
-      paper's PIL transforms: RandomResizedCrop(224, scale=(0.2, 1.0), bicubic), flip,
-      ToTensor, Normalize;
+      official PIL transforms of `--recipe`. pretrain: RandomResizedCrop(224, scale=(0.2,
+      1.0), bicubic), flip, ToTensor, Normalize. finetune: timm's `create_transform` as
+      `main_finetune.py` builds it (RandomResizedCrop (0.08, 1), flip, RandAugment
+      rand-m9-mstd0.5-inc1, ToTensor, Normalize, random erasing 0.25), its posterize taking
+      0 bits as ours does (`mae.transforms.posterize`: on Pillow 13 timm's raises and ends
+      the DataLoader);
   (b) ours: the training stream of pipelines/stream.py over `--data` in `--format`,
       consumed as a train worker consumes it: epoch after epoch from `EpochStreams` (the
-      next epoch decoding while this one ends), `iter_torch_batches`, then normalisation.
+      next epoch decoding while this one ends), `iter_torch_batches`, then normalisation
+      (finetune: the decoders crop, flip and RandAugment; the consumer erases the batch
+      with timm's random erasing after normalising it, as the fine-tuning step does).
 Each side runs `--seconds` after its first batch (start-up is not counted; epochs are
 restarted as training restarts them). Last line: JSON with `baseline_images_per_sec`,
 `ours_images_per_sec` and `ratio` = ours / baseline.
@@ -33,7 +40,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mae.transforms import IMAGENET_MEAN, IMAGENET_STD, REGION_DECODE, normalize_on_device  # noqa: E402
+from mae.transforms import (IMAGENET_MEAN, IMAGENET_STD, PRETRAIN, REGION_DECODE, Augment,  # noqa: E402
+                            normalize_on_device, posterize)
 from pipelines.config import DataConfig  # noqa: E402
 from pipelines.reading import open_source  # noqa: E402
 from pipelines.skips import skip_counter  # noqa: E402
@@ -80,12 +88,31 @@ def whole_epochs(batches, epochs: int) -> tuple[float, float]:
     return images / (time.perf_counter() - t0), inside / max(inside_seconds, 1e-9)
 
 
-def baseline(root: str, cpus: int, seconds: float, batch: int, size: int) -> float:
-    from torchvision import datasets, transforms
+RAND_AUGMENT = "rand-m9-mstd0.5-inc1"  # the paper's fine-tuning policy
 
-    tf = transforms.Compose([
-        transforms.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+def official_transform(recipe: str, size: int):
+    """The official code's training transform of `recipe` (per image, PIL in, tensor out)."""
+    from torchvision import transforms
+    if recipe == "pretrain":
+        return transforms.Compose([
+            transforms.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    from timm.data import auto_augment, create_transform
+    tf = create_transform(size, is_training=True, color_jitter=None, auto_augment=RAND_AUGMENT,
+                          interpolation="bicubic", re_prob=0.25, re_mode="pixel", re_count=1, mean=IMAGENET_MEAN,
+                          std=IMAGENET_STD)
+    for t in tf.transforms:
+        for op in getattr(t, "ops", ()):
+            if op.aug_fn is auto_augment.posterize:
+                op.aug_fn = posterize
+    return tf
+
+
+def baseline(root: str, cpus: int, seconds: float, batch: int, size: int, recipe: str = "pretrain") -> float:
+    from torchvision import datasets
+
+    tf = official_transform(recipe, size)
     loader = torch.utils.data.DataLoader(datasets.ImageFolder(os.path.join(root, "train"), transform=tf),
                                          batch_size=batch, shuffle=True, num_workers=cpus, drop_last=True,
                                          persistent_workers=True)
@@ -93,14 +120,18 @@ def baseline(root: str, cpus: int, seconds: float, batch: int, size: int) -> flo
 
 
 def ours(data: str, fmt: str, cpus: int, seconds: float, batch: int, size: int, endpoint: str | None,
-         epochs: int = 0) -> tuple[float, tuple[float, float] | None]:
+         epochs: int = 0, recipe: str = "pretrain") -> tuple[float, tuple[float, float] | None]:
     import ray
+    from timm.data.random_erasing import RandomErasing
 
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False,
              object_store_memory=min(2 * 2**30, 300 * 2**20 * cpus))
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
-        lanes = training_stream(open_source(fmt, data, endpoint), DataConfig(), size, seed=0)
+        augment = PRETRAIN if recipe == "pretrain" else Augment((0.08, 1.0), RAND_AUGMENT)
+        erase = RandomErasing(0.25, mode="pixel", max_count=1, num_splits=0, device="cpu") \
+            if recipe == "finetune" else None
+        lanes = training_stream(open_source(fmt, data, endpoint), DataConfig(), size, seed=0, augment=augment)
         streams = EpochStreams(lanes.datasets, lanes.key, skip_counter(), plans=True, batch_size=batch,
                                drop_last=True, prefetch_batches=4,
                                dtypes=DTYPES)
@@ -112,7 +143,7 @@ def ours(data: str, fmt: str, cpus: int, seconds: float, batch: int, size: int, 
             e = next(epochs_started)
             for b in streams.epoch(e, 0, e + 1):
                 buffer = normalize_on_device(b["image"], device, out=buffer)
-                yield buffer
+                yield buffer if erase is None else erase(buffer)
         try:
             return timed(epoch, seconds), whole_epochs(epoch, epochs) if epochs else None
         finally:
@@ -135,19 +166,23 @@ def main():
     ap.add_argument("--input-size", type=int, default=224)
     ap.add_argument("--s3-endpoint", help="endpoint of an S3-compatible store holding --data")
     ap.add_argument("--epochs", type=int, default=0, help="also time this many whole epochs of our stream")
+    ap.add_argument("--recipe", choices=["pretrain", "finetune"], default="pretrain",
+                    help="the training view both sides make: pretraining's crop + flip, or fine-tuning's with "
+                         "RandAugment and random erasing")
     args = ap.parse_args()
     base_root = args.baseline_data or args.data
     if args.format != "imagefolder" and not args.baseline_data:
         ap.error("--baseline-data: the DataLoader reads an ImageFolder; name the one the shards came from")
     torch.set_num_threads(1)  # the consumer's normalisation; the decoders run in their own processes
 
-    base = baseline(base_root, args.cpus, args.seconds, args.batch, args.input_size)
-    print(f"(a) DataLoader, {args.cpus} workers, PIL transforms ({base_root}): {base:8.1f} images/s")
+    base = baseline(base_root, args.cpus, args.seconds, args.batch, args.input_size, args.recipe)
+    print(f"(a) DataLoader, {args.cpus} workers, {args.recipe} PIL transforms ({base_root}): {base:8.1f} images/s")
     mine, epochs = ours(args.data, args.format, args.cpus, args.seconds, args.batch, args.input_size,
-                        args.s3_endpoint, args.epochs)
+                        args.s3_endpoint, args.epochs, args.recipe)
     print(f"(b) Ray Data stream, {args.cpus} CPUs ({args.format}, {args.data}):     {mine:8.1f} images/s"
           f" ({'crop-region' if REGION_DECODE else 'whole-image'} JPEG decoding)")
-    result = {"baseline_images_per_sec": base, "ours_images_per_sec": mine, "ratio": mine / base}
+    result = {"recipe": args.recipe, "baseline_images_per_sec": base, "ours_images_per_sec": mine,
+              "ratio": mine / base}
     if epochs:
         whole, steady = epochs
         print(f"(c) {args.epochs} whole epochs of (b): {whole:8.1f} images/s, boundaries included; "

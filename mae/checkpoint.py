@@ -13,7 +13,7 @@ import re
 import torch
 
 CHECKPOINT_FILE = "checkpoint.pth"
-_CHECKPOINT_DIR = re.compile(r"checkpoint_epoch_(\d{4,})_step_(\d{9,})")
+CHECKPOINT_DIR = re.compile(r"checkpoint_epoch_(\d{4,})_step_(\d{9,})")
 
 # Official MAE checkpoints store `args` as an argparse.Namespace; nothing else is allowed
 # beyond what `weights_only=True` already accepts (tensors, containers, primitives).
@@ -34,7 +34,7 @@ def latest_checkpoint(path: str | os.PathLike) -> str:
     if not os.path.isdir(path):
         raise ValueError(f"--checkpoint: no such file or run directory {path!r}")
     found = sorted((tuple(map(int, m.groups())), name) for name in os.listdir(path)
-                   if (m := _CHECKPOINT_DIR.fullmatch(name))
+                   if (m := CHECKPOINT_DIR.fullmatch(name))
                    and os.path.isfile(os.path.join(path, name, CHECKPOINT_FILE)))
     if not found:
         raise ValueError(f"--checkpoint: {path!r} holds no checkpoint_epoch_*_step_*/{CHECKPOINT_FILE}")

@@ -18,10 +18,12 @@ import math
 import re
 import struct
 import warnings
+from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
@@ -205,11 +207,58 @@ def jpeg_crop_flip(data: bytes, size: int, rng: np.random.Generator, scale=(0.2,
     return _resize_flip(region.permute(2, 0, 1), size, rng)
 
 
-def decode_crop_batch(blobs, size: int, rng: np.random.Generator, scale=(0.2, 1.0), augment: bool = True,
+@dataclass(frozen=True)
+class Augment:
+    """The random training view the decoders make of an image: RandomResizedCrop (bicubic,
+    area fraction in `scale`, aspect ratio 3/4 to 4/3), horizontal flip, then timm's
+    RandAugment `rand_augment` (e.g. rand-m9-mstd0.5-inc1) on the crop, with the hyper-
+    parameters timm's `create_transform` gives it (translation 45% of the side, fill the
+    ImageNet mean, bicubic)."""
+    scale: tuple[float, float] = (0.2, 1.0)
+    rand_augment: str | None = None
+
+
+PRETRAIN = Augment()  # the MAE paper's pretraining view
+
+
+def posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's `posterize` op, keeping 0 bits as Pillow < 13 did (a black image): Pillow 13
+    refuses 0, which RandAugment's increasing posterize draws at magnitude 10 (m9 with
+    mstd0.5 reaches it about 2% of the time it is chosen)."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+@lru_cache(maxsize=8)
+def rand_augment_op(policy: str, size: int):
+    """timm's RandAugment of `policy` for `size` px crops (a PIL image in, one out) with the
+    hyper-parameters timm's `create_transform` gives it; it draws from Python's `random` and
+    numpy's global generator, as in timm's own pipeline. Its posterize keeps 0 bits
+    (`posterize`) where Pillow 13 would raise."""
+    from timm.data import auto_augment
+    hparams = {"translate_const": int(size * 0.45), "img_mean": tuple(min(255, round(255 * x)) for x in IMAGENET_MEAN),
+               "interpolation": Image.BICUBIC}
+    op = auto_augment.rand_augment_transform(policy, hparams)
+    for each in op.ops:
+        if each.aug_fn is auto_augment.posterize:
+            each.aug_fn = posterize
+    return op
+
+
+def apply_rand_augment(crop: torch.Tensor, policy: str) -> torch.Tensor:
+    """uint8 [S, S, 3] -> uint8 [S, S, 3] through `rand_augment_op`."""
+    out = rand_augment_op(policy, crop.shape[0])(Image.fromarray(crop.numpy()))
+    return torch.from_numpy(np.array(out, dtype=np.uint8))
+
+
+def decode_crop_batch(blobs, size: int, rng: np.random.Generator, augment: Augment | None = PRETRAIN,
                       max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES):
-    """Decode + crop + flip a batch of encoded images (`augment=False`: resize + centre
-    crop instead, the evaluation view), each checked against the budget (`check_limits`)
-    before it is decoded.
+    """Decode + crop + flip (+ RandAugment) a batch of encoded images, the view `augment`
+    (None: resize + centre crop instead, the evaluation view), each checked against the
+    budget (`check_limits`) before it is decoded.
 
     Returns (uint8 array [B_ok, size, size, 3], indices of the blobs that decoded, errors
     as {index: message} for the ones that did not). Any exception of one image makes it an
@@ -220,10 +269,12 @@ def decode_crop_batch(blobs, size: int, rng: np.random.Generator, scale=(0.2, 1.
     for i, data in enumerate(blobs):
         try:
             check_limits(data, max_pixels, max_bytes)
-            crop = jpeg_crop_flip(data, size, rng, scale, max_pixels) if augment else None
+            crop = jpeg_crop_flip(data, size, rng, augment.scale, max_pixels) if augment else None
             if crop is None:
                 img = _decode_rgb(data)
-                crop = random_crop_flip(img, size, rng, scale) if augment else eval_resize_crop(img, size)
+                crop = random_crop_flip(img, size, rng, augment.scale) if augment else eval_resize_crop(img, size)
+            if augment and augment.rand_augment:
+                crop = apply_rand_augment(crop, augment.rand_augment)
             torch.from_numpy(images[len(ok)]).copy_(crop)
         except ValueError as e:
             errors[i] = str(e)

@@ -30,6 +30,20 @@ class ModelConfig:
     """Fraction of patches removed."""
     norm_pix_loss: bool = True
     """Regress per-patch normalised pixels (the paper's default for its best results)."""
+    checkpoint: str | None = None
+    """Fine-tuning and linear probing: the pretrained MAE whose encoder the classifier starts
+    from: a run directory of ours (its latest checkpoint), a checkpoint file of ours or an
+    official .pth (path or s3:// URL); null: random weights (the baseline a pretrained start
+    must beat)."""
+    num_classes: int | None = None
+    """Fine-tuning and linear probing: classes of the head; null: the data's (its class
+    folders, or the shards' classes.json)."""
+    global_pool: bool = True
+    """Fine-tuning: classify the mean of the patch tokens through a fresh fc_norm (the
+    paper's recipe); false: the class token after the encoder's norm. Linear probing always
+    takes the class token."""
+    drop_path: float = 0.0
+    """Fine-tuning: stochastic depth rate (0.1 ViT-B, 0.2 ViT-L, 0.3 ViT-H in the paper)."""
 
 
 @dataclass
@@ -52,6 +66,10 @@ class DataConfig:
     aws_secret_access_key), mode 600, holding the data bucket's keys; null: the usual AWS
     environment variables / files / instance role of each node. Keys themselves are never
     config values (they would show in `ray job list`, the dashboard and config.yaml)."""
+    val_path: str | None = None
+    """Fine-tuning and linear probing: the validation images, evaluated after every epoch;
+    null: `<path>/val/<class>/<image>` of an imagefolder (shards need it set: a folder, glob
+    or brace pattern of validation shards in `format`)."""
     build_demo: bool = False
     """If `path` holds no data, write the bundled demo dataset (handwritten digits) there."""
     decode_batch_size: int = 256
@@ -91,6 +109,25 @@ class DataConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """The training view of each image. Decoders (CPU): RandomResizedCrop (bicubic) with
+    scale (min_scale, 1), horizontal flip, then RandAugment. Training worker (on the
+    device): random erasing after normalisation, then Mixup / CutMix of the batch."""
+    min_scale: float = 0.2
+    """Smallest crop area, as a fraction of the image (pretraining 0.2, classification 0.08)."""
+    rand_augment: str | None = None
+    """timm RandAugment policy, e.g. rand-m9-mstd0.5-inc1 (fine-tuning); null: none."""
+    reprob: float = 0.0
+    """Fine-tuning: probability of timm's random erasing (per-pixel noise) per image."""
+    mixup: float = 0.0
+    """Fine-tuning: Mixup alpha (0: off); with cutmix, each batch draws one of the two."""
+    cutmix: float = 0.0
+    """Fine-tuning: CutMix alpha (0: off)."""
+    smoothing: float = 0.0
+    """Fine-tuning: label smoothing (into the Mixup targets when Mixup or CutMix is on)."""
+
+
+@dataclass
 class OptimConfig:
     blr: float = 1.5e-4
     """Base learning rate: lr = blr * effective_batch / 256."""
@@ -102,10 +139,17 @@ class OptimConfig:
     """AdamW weight decay on weights (biases and norms get none)."""
     warmup_epochs: float = 40
     """Linear warmup length in epochs."""
+    layer_decay: float = 1.0
+    """Fine-tuning: layer-wise lr decay, block i's lr scaled by layer_decay ** (blocks + 1 - (i + 1))
+    (0.65 ViT-B, 0.75 ViT-L/H in the paper); 1: none."""
 
 
 @dataclass
 class TrainConfig:
+    task: Literal["pretrain", "finetune", "linprobe"] = "pretrain"
+    """What the run trains: the MAE (pipelines/pretrain.py), a classifier on its encoder with
+    every weight trained (pipelines/finetune.py: AdamW with layer decay) or its head only
+    (pipelines/linprobe.py: LARS); the entry point must match."""
     epochs: int = 800
     """Total epochs of the schedule; raising it extends a finished run."""
     batch_size: int = 64
@@ -192,6 +236,7 @@ class RunConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
@@ -357,6 +402,7 @@ def validate(cfg: Config) -> None:
     need(m.input_size > 0 and m.input_size % patch == 0, "model.input_size",
          f"must be a positive multiple of {m.name}'s patch size {patch}", m.input_size)
     need(0.0 < m.mask_ratio < 1.0, "model.mask_ratio", "must be in (0, 1)", m.mask_ratio)
+    validate_task(cfg)
     need(bool(d.path), "data.path", "set it to a folder holding train/<class>/<image> (or shards)", d.path)
     need(d.path.startswith("s3://") or not is_uri(d.path), "data.path", "a local/NFS path or s3://bucket/prefix",
          d.path)
@@ -425,6 +471,10 @@ def validate(cfg: Config) -> None:
     need(r.max_failures >= -1, "run.max_failures", "-1 (unlimited) or >= 0", r.max_failures)
     if not is_uri(r.storage_path):
         r.storage_path = os.path.abspath(os.path.expanduser(r.storage_path))
+    for section, key in ((m, "checkpoint"), (d, "val_path")):
+        value = getattr(section, key)
+        if value and not is_uri(value):
+            setattr(section, key, os.path.abspath(os.path.expanduser(value)))
     if r.resume_from and not is_uri(r.resume_from):
         r.resume_from = os.path.abspath(os.path.expanduser(r.resume_from))
     if not is_uri(d.path):
@@ -435,6 +485,45 @@ def validate(cfg: Config) -> None:
                 read_credentials(section.s3_credentials_file)
             except CredentialsError as e:
                 raise ConfigError(f"{key}: {e}") from None
+
+
+def validate_task(cfg: Config) -> None:
+    """The keys one task uses and the others refuse (a fine-tuning key in a pretraining
+    config is a mistake, not a no-op)."""
+    m, a, o, t = cfg.model, cfg.augment, cfg.optim, cfg.train
+    classify = {"model.checkpoint": m.checkpoint is not None, "model.num_classes": m.num_classes is not None,
+                "data.val_path": cfg.data.val_path is not None}
+    finetune = {"model.drop_path": m.drop_path != 0.0, "augment.reprob": a.reprob != 0.0,
+                "augment.mixup": a.mixup != 0.0, "augment.cutmix": a.cutmix != 0.0,
+                "augment.smoothing": a.smoothing != 0.0, "optim.layer_decay": o.layer_decay != 1.0,
+                "augment.rand_augment": a.rand_augment is not None}
+    used = {"pretrain": {}, "finetune": {**classify, **finetune}, "linprobe": classify}[t.task]
+    for key, is_set in {**classify, **finetune}.items():
+        if is_set and key not in used:
+            raise ConfigError(f"{key}: train.task={t.task} does not use it (only "
+                              f"{'fine-tuning' if key in finetune else 'fine-tuning and linear probing'} does)")
+    if m.num_classes is not None and m.num_classes < 2:
+        raise ConfigError(f"model.num_classes: {m.num_classes!r} is not allowed; null (the data's) or >= 2")
+    if not 0.0 < a.min_scale <= 1.0:
+        raise ConfigError(f"augment.min_scale: {a.min_scale!r} is not allowed; must be in (0, 1]")
+    for key, value in (("model.drop_path", m.drop_path), ("augment.reprob", a.reprob),
+                       ("augment.smoothing", a.smoothing)):
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{key}: {value!r} is not allowed; must be in [0, 1)")
+    if a.mixup < 0 or a.cutmix < 0:
+        raise ConfigError(f"augment.{'mixup' if a.mixup < 0 else 'cutmix'}: must be >= 0 (0: off)")
+    if (a.mixup or a.cutmix) and t.batch_size % 2:
+        raise ConfigError(f"train.batch_size: {t.batch_size} is odd; Mixup and CutMix pair each batch's images "
+                          "with the batch reversed, which needs an even batch")
+    if not 0.0 < o.layer_decay <= 1.0:
+        raise ConfigError(f"optim.layer_decay: {o.layer_decay!r} is not allowed; must be in (0, 1] (1: none)")
+    if a.rand_augment is not None:
+        from timm.data.auto_augment import rand_augment_transform
+        try:
+            rand_augment_transform(a.rand_augment, {})
+        except (AssertionError, ValueError, KeyError, IndexError) as e:
+            raise ConfigError(f"augment.rand_augment: {a.rand_augment!r} is not a timm RandAugment policy "
+                              f"(e.g. rand-m9-mstd0.5-inc1): {e}") from None
 
 
 def to_yaml(cfg: Config) -> str:

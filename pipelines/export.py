@@ -11,6 +11,14 @@ loss and reconstructions for the same `noise`; `run.resume_from` reads such a fo
 --checkpoint is a checkpoint file (ours or an official MAE .pth) or a run directory (its
 latest checkpoint).
 
+A fine-tuned or linear-probe classifier of ours (pipelines/finetune.py, linprobe.py; e.g.
+runs/demo_finetune/best/checkpoint.pth) exports whole, head included, as the timm
+`VisionTransformer` with the same pooling (global_pool="avg" after fine-tuning, "token" after
+linear probing, whose BatchNorm is folded into the head): the same logits, e.g.
+
+    timm.create_model("vit_base_patch16_224", pretrained=True, num_classes=1000, global_pool="avg",
+                      pretrained_cfg_overlay=dict(file="classifier.safetensors", num_classes=1000, ...))
+
 Writes timm `VisionTransformer` weights without a head (safetensors) and prints the timm model
 to build with them when the checkpoint records a paper preset (ours record it; the official
 release files do not: pick the `vit_*` model of the same size), e.g.
@@ -21,6 +29,8 @@ release files do not: pick the `vit_*` model of the same size), e.g.
 import argparse
 import os
 import sys
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from mae.checkpoint import (image_size_of, latest_checkpoint, load_checkpoint, model_from_checkpoint, model_state,
                             recorded_preset)
@@ -62,10 +72,40 @@ def export_hf(ckpt: dict, out: str, norm_pix_loss: bool | None) -> str:
             f"{model.norm_pix_loss}); load it with ViTMAEForPreTraining.from_pretrained({out!r})")
 
 
+def classifier_task(ckpt: dict) -> str | None:
+    """"finetune" or "linprobe" for a classifier checkpoint of ours, else None (an MAE)."""
+    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    task = config.get("train", {}).get("task", "pretrain")
+    return task if task in ("finetune", "linprobe") else None
+
+
+def export_classifier(ckpt: dict, task: str, out: str) -> list[str]:
+    """Write a classifier checkpoint as timm safetensors; the lines saying what, and how to load it."""
+    from mae.classifier import create_classifier, timm_state
+
+    m = ckpt["config"]["model"]
+    state = model_state(ckpt)
+    num_classes = state["head.1.weight" if task == "linprobe" else "head.weight"].shape[0]
+    model = create_classifier(m["name"], m["input_size"], num_classes, task, global_pool=m["global_pool"])
+    model.load_state_dict(state)
+    pool = "avg" if task == "finetune" and m["global_pool"] else "token"
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    save_timm_encoder(timm_state(model), out)
+    name = timm_name_or_none(ckpt, m["input_size"]) or "vit_<size>_patch<p>_<img_size>"
+    return [f"wrote {out}: a timm VisionTransformer classifier ({m['name']} encoder, {num_classes} classes, "
+            f"global_pool={pool!r}{', its BatchNorm folded into the head' if task == 'linprobe' else ''})",
+            f"load it with: timm.create_model(\"{name}\", pretrained=True, num_classes={num_classes}, "
+            f"global_pool=\"{pool}\", pretrained_cfg_overlay=dict(file=\"{out}\", num_classes={num_classes}, "
+            f"mean={IMAGENET_DEFAULT_MEAN}, std={IMAGENET_DEFAULT_STD}))"]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.to == "hf":
         try:
+            if classifier_task(load_checkpoint(latest_checkpoint(args.checkpoint))) is not None:
+                raise ValueError("--to hf: this is a classifier (fine-tuned or linear probe); it exports to timm "
+                                 "(--to timm)")
             print(export_hf(load_checkpoint(latest_checkpoint(args.checkpoint)), args.out,
                             None if args.norm_pix_loss is None else args.norm_pix_loss == "true"))
         except ValueError as e:
@@ -74,6 +114,10 @@ def main(argv=None) -> int:
         return 0
     try:
         ckpt = load_checkpoint(latest_checkpoint(args.checkpoint))
+        task = classifier_task(ckpt)
+        if task is not None:
+            print("\n".join(export_classifier(ckpt, task, args.out)))
+            return 0
         state = model_state(ckpt)
         encoder = encoder_state_for_timm(state)
     except ValueError as e:

@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
@@ -28,18 +29,26 @@ from cluster.lease import Lease, LeaseHeld  # noqa: E402
 from cluster.preflight import PreflightError, check_cluster  # noqa: E402
 from cluster.ray_compat import hide_raylet_notices  # noqa: E402
 from cluster.torch_backend import AcceleratorTorchConfig  # noqa: E402
+from mae.checkpoint import CHECKPOINT_FILE  # noqa: E402
+from mae.transforms import Augment  # noqa: E402
 from pipelines.config import Config, ConfigError, DataConfig, load_config, to_yaml  # noqa: E402
 from pipelines.demo_data import write_digits  # noqa: E402
 from pipelines.reading import DataError, Source, open_source  # noqa: E402
 from pipelines.console import Follow  # noqa: E402
 from pipelines.run_files import ended_by, read_jsonl  # noqa: E402
 from pipelines.lanes import NAMES as LANES, Lanes  # noqa: E402
-from pipelines.stream import training_stream  # noqa: E402
-from pipelines.train_loop import train_loop_per_worker  # noqa: E402
+from pipelines.stream import image_stream, training_stream  # noqa: E402
+from pipelines.train_loop import VAL, train_loop_per_worker  # noqa: E402
+from pipelines.train_state import BEST, locate_pretrained  # noqa: E402
 
 
-def parse_args(argv=None) -> tuple[argparse.Namespace, Config]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+ENTRY_POINTS = {"pretrain": "pipelines/pretrain.py", "finetune": "pipelines/finetune.py",
+                "linprobe": "pipelines/linprobe.py"}
+
+
+def parse_args(argv=None, task: str = "pretrain", doc: str = __doc__) -> tuple[argparse.Namespace, Config]:
+    """The command line of the entry point of `task`; its config must be one of that task."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="YAML recipe under configs/")
     ap.add_argument("--plan", action="store_true",
                     help="print what the config will do (batch, lr, steps, resources, model size, checkpoint size, "
@@ -50,7 +59,11 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Config]:
                     help="show everything Ray's processes print (as run.verbose=true)")
     ap.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = ap.parse_args(argv)
-    return args, load_config(args.config, [*args.overrides, *(["run.verbose=true"] if args.verbose else [])])
+    cfg = load_config(args.config, [*args.overrides, *(["run.verbose=true"] if args.verbose else [])])
+    if cfg.train.task != task:
+        raise ConfigError(f"train.task: {args.config} is a {cfg.train.task} config; run it with "
+                          f"{ENTRY_POINTS[cfg.train.task]}, or give {ENTRY_POINTS[task]} a {task} config")
+    return args, cfg
 
 
 def print_plan(cfg: Config, accelerator_rate: float) -> int:
@@ -77,6 +90,43 @@ def prepare_data(d: DataConfig) -> Source:
     return open_source(d.format, d.path, d.s3_endpoint, d.s3_region, d.s3_credentials_file)
 
 
+@dataclass(frozen=True)
+class Classes:
+    """Fine-tuning and linear probing: the validation images and the head's classes."""
+    val: Source
+    num_classes: int
+
+
+def prepare_classes(cfg: Config, train: Source) -> Classes:
+    """The validation source (imagefolder `val/`, or `data.val_path`'s shards) and the number
+    of classes, checked against the training data's; the pretrained checkpoint is found."""
+    d = cfg.data
+    if d.val_path is None and d.format != "imagefolder":
+        raise ConfigError(f"data.val_path: {d.format} shards need it (a folder, glob or brace pattern of the "
+                          "validation shards)")
+    if d.val_path is None:
+        val = open_source(d.format, d.path, d.s3_endpoint, d.s3_region, d.s3_credentials_file, split="val")
+    elif d.format == "imagefolder":  # <val_path>/<class>/<image>
+        root, _, split = d.val_path.rstrip("/").rpartition("/")
+        val = open_source(d.format, root, d.s3_endpoint, d.s3_region, d.s3_credentials_file, split=split)
+    else:
+        val = open_source(d.format, d.val_path, d.s3_endpoint, d.s3_region, d.s3_credentials_file)
+    if train.classes and val.classes and val.classes != train.classes:  # labels index the sorted class names
+        raise DataError(f"data.val_path: the validation images have {len(val.classes)} classes, the training "
+                        f"images {len(train.classes)} (first differing: "
+                        f"{sorted(set(val.classes) ^ set(train.classes))[:3]}); their labels would not match")
+    num_classes = cfg.model.num_classes or len(train.classes)
+    if num_classes < 2:
+        raise ConfigError("model.num_classes: the data names no classes (no class folders or classes.json); set it")
+    if cfg.model.checkpoint:
+        try:
+            locate_pretrained(cfg)
+        except (FileNotFoundError, OSError) as e:
+            raise ConfigError(str(e) if isinstance(e, FileNotFoundError) else
+                              f"model.checkpoint: cannot read {cfg.model.checkpoint}: {e}") from None
+    return Classes(val, num_classes)
+
+
 def check_epoch(cfg: Config, num_images: int) -> None:
     """Every worker count the run may have gives an epoch at least one optimizer step: each
     worker gets an equal share of the stream in whole batches, the last batch dropped."""
@@ -99,15 +149,22 @@ def check_storage(cfg: Config) -> None:
         raise ConfigError(f"run.storage_path: cannot write the run directory {storage.uri}: {e}") from None
 
 
-def build_trainer(cfg: Config, stream: Lanes, num_images: int, held_out: list[bytes]) -> TorchTrainer:
+def build_trainer(cfg: Config, stream: Lanes, num_images: int, held_out: list[bytes],
+                  classes: Classes | None = None, val: ray.data.Dataset | None = None) -> TorchTrainer:
     """The TorchTrainer of a run over `stream`'s lanes (rows: uint8 HWC `image`, `label`,
-    `skipped`) of `num_images` per epoch; `held_out`: encoded images for the figures."""
+    `skipped`) of `num_images` per epoch; `held_out`: encoded images for the figures
+    (pretraining); `classes` and `val`: the classes and the validation stream (fine-tuning,
+    linear probing)."""
     root, row, s = cfg.storage_root(), cfg.accelerator, cfg.scaling
     workers = s.num_workers if s.min_workers is None else (s.min_workers, s.num_workers)
+    datasets = dict(zip(LANES, stream.datasets))
+    if val is not None:
+        datasets[VAL] = val
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "num_images": num_images, "storage": root.child(cfg.run.name),
-                           "stream": stream.key, "held_out": held_out},
+                           "stream": stream.key, "held_out": held_out, "val": val is not None,
+                           "num_classes": classes.num_classes if classes else None},
         torch_config=AcceleratorTorchConfig(accelerator=row),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=row.resource == "GPU",
                                                resources_per_worker=row.worker_resources(s.cpus_per_worker),
@@ -116,7 +173,7 @@ def build_trainer(cfg: Config, stream: Lanes, num_images: int, held_out: list[by
             name=cfg.run.name, storage_path=root.root, storage_filesystem=root.fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
-        datasets=dict(zip(LANES, stream.datasets)),
+        datasets=datasets,
     )
 
 
@@ -134,19 +191,23 @@ def failure_lines(e: ray.train.TrainingFailedError, run_dir) -> list[str]:
     return lines + ["(the full tracebacks are in the workers' logs, under the Ray session's logs/ folder)"]
 
 
-def main(argv=None) -> int:
+def main(argv=None, task: str = "pretrain", doc: str = __doc__) -> int:
+    """The entry point of `task` (pipelines/pretrain.py, finetune.py, linprobe.py)."""
     try:
-        args, cfg = parse_args(argv)
+        args, cfg = parse_args(argv, task, doc)
         if args.plan:
             return print_plan(cfg, args.accelerator_rate)
         source = prepare_data(cfg.data)
         check_epoch(cfg, len(source))
+        classes = prepare_classes(cfg, source) if task != "pretrain" else None
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    classes = f" in {len(source.classes)} classes" if source.classes else ""
-    print(f"{len(source)} training images{classes} in {len(source.files)} {source.format} "
+    named = f" in {len(source.classes)} classes" if source.classes else ""
+    print(f"{len(source)} training images{named} in {len(source.files)} {source.format} "
           f"{'files' if source.format == 'imagefolder' else 'shards'} from {cfg.data.path}")
+    if classes is not None:
+        print(f"{len(classes.val)} validation images from {classes.val.uri}; {classes.num_classes} classes")
     verbose = cfg.run.verbose  # else Ray's processes print to its log files only: pipelines/console.py
     ray.init(ignore_reinit_error=True, log_to_driver=verbose,
              logging_level=logging.INFO if verbose else logging.WARNING)
@@ -166,10 +227,10 @@ def main(argv=None) -> int:
     # the run can be submitted again at once (a driver killed outright leaves it to expire)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     with lease:  # renewed until the run ends
-        return run(cfg, source, lease)
+        return run(cfg, source, lease, classes)
 
 
-def run(cfg: Config, source: Source, lease: Lease) -> int:
+def run(cfg: Config, source: Source, lease: Lease, classes: Classes | None = None) -> int:
     """Check the storage and the cluster, then train; the exit status."""
     row, s = cfg.accelerator, cfg.scaling
     try:
@@ -182,12 +243,16 @@ def run(cfg: Config, source: Source, lease: Lease) -> int:
     except (ConfigError, PreflightError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    stream = training_stream(source, cfg.data, cfg.model.input_size, cfg.train.seed,
-                             reserved_cpus=s.num_workers * s.cpus_per_worker, console=not cfg.run.verbose)
+    a, reserved = cfg.augment, s.num_workers * s.cpus_per_worker
+    stream = training_stream(source, cfg.data, cfg.model.input_size, cfg.train.seed, reserved_cpus=reserved,
+                             console=not cfg.run.verbose, augment=Augment((a.min_scale, 1.0), a.rand_augment))
+    val = None if classes is None else image_stream(classes.val, cfg.data, cfg.model.input_size, cfg.train.seed,
+                                                    reserved_cpus=reserved, augment=None, console=not cfg.run.verbose)
     run_dir = cfg.run_storage()
     try:
         with contextlib.nullcontext() if cfg.run.verbose else Follow():
-            result = build_trainer(cfg, stream, len(source), source.held_out(8)).fit()
+            held_out = source.held_out(8) if classes is None else []
+            result = build_trainer(cfg, stream, len(source), held_out, classes, val).fit()
     except ray.train.TrainingFailedError as e:
         recorded = ended_by(run_dir, ray.get_runtime_context().get_job_id())
         for line in [recorded] if recorded else failure_lines(e, run_dir):
@@ -206,9 +271,15 @@ def run(cfg: Config, source: Source, lease: Lease) -> int:
     print(f"  config:            {uri}/config.yaml")
     print(f"  metrics:           {uri}/metrics.jsonl (per epoch), {uri}/steps.jsonl (per step)")
     print(f"  loss curve:        {uri}/loss_curve.png")
-    print(f"  reconstructions:   {uri}/reconstructions/")
+    if classes is None:
+        print(f"  reconstructions:   {uri}/reconstructions/")
     if result.metrics:
         print(f"  final epoch {result.metrics['epoch']}: train_loss {result.metrics['train_loss']:.4f}")
+    if classes is not None:
+        best = max(read_jsonl(run_dir, "metrics.jsonl"), key=lambda m: m.get("val_top1", -1.0), default=None)
+        if best is not None and "val_top1" in best:
+            print(f"  best checkpoint:   {uri}/{BEST}/{CHECKPOINT_FILE}")
+            print(f"best val top-1: {best['val_top1']:.2f}% (top-5 {best['val_top5']:.2f}%) at epoch {best['epoch']}")
     return 0
 
 

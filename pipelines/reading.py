@@ -303,12 +303,13 @@ class Source:
 
 
 def open_source(fmt: str, uri: str, endpoint: str | None = None, region: str | None = None,
-                credentials_file: str | None = None) -> Source:
-    """List and count the training images of `uri` in layout `fmt` (see the module doc)."""
+                credentials_file: str | None = None, split: str = "train") -> Source:
+    """List and count the images of `uri` in layout `fmt` (see the module doc); `split`: the
+    imagefolder's folder under `uri` (train, val)."""
     store = open_storage(uri, endpoint, region, credentials_file)
     fs, path = store.fs, store.root
     if fmt == "imagefolder":
-        folder = list_imagefolder(fs, path)
+        folder = list_imagefolder(fs, path, split)
         return Source(fmt, uri, fs, path, tuple(folder.paths), len(folder), tuple(folder.classes),
                       labels=tuple(folder.labels))
     shards = list_shards(fs, path, fmt)

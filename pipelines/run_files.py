@@ -123,7 +123,8 @@ class RunLog:
 
 
 def plot_loss_curve(steps: list[dict], metrics: list[dict]) -> bytes:
-    """PNG: per-step loss (raw and smoothed) and per-epoch loss, lr on a second axis."""
+    """PNG: per-step loss (raw and smoothed) and per-epoch loss, lr on a second axis; below
+    them, for a classification run, validation top-1 and top-5 per epoch."""
     import io
 
     import matplotlib
@@ -131,7 +132,18 @@ def plot_loss_curve(steps: list[dict], metrics: list[dict]) -> bytes:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    evaluated = [m for m in metrics if "val_top1" in m]
+    if evaluated:
+        fig, (ax, acc_ax) = plt.subplots(2, 1, figsize=(8, 7), dpi=100, sharex=True, height_ratios=(3, 2))
+        x = [m["epoch"] + 1 for m in evaluated]
+        acc_ax.plot(x, [m["val_top1"] for m in evaluated], "o-", color="tab:red", ms=3, label="val top-1")
+        acc_ax.plot(x, [m["val_top5"] for m in evaluated], "s--", color="tab:purple", ms=3, label="val top-5")
+        acc_ax.set_ylabel("accuracy (%)")
+        acc_ax.set_xlabel("epoch")
+        acc_ax.legend(loc="lower right", fontsize=8)
+        acc_ax.grid(alpha=0.3)
+    else:
+        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     if steps:
         x = np.array([s["epoch"] for s in steps])
         loss = np.array([s["loss"] for s in steps])
@@ -145,7 +157,8 @@ def plot_loss_curve(steps: list[dict], metrics: list[dict]) -> bytes:
     if metrics:
         ax.plot([m["epoch"] + 1 for m in metrics], [m["train_loss"] for m in metrics], "o-",
                 color="tab:green", ms=3, label="loss per epoch (at epoch end)")
-    ax.set_xlabel("epoch")
+    if not evaluated:
+        ax.set_xlabel("epoch")
     ax.set_ylabel("train loss")
     ax.legend(loc="upper right", fontsize=8)
     ax.grid(alpha=0.3)

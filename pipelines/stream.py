@@ -27,7 +27,7 @@ import ray
 import ray.data
 
 from cluster import ray_compat
-from mae.transforms import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, REGION_DECODE, decode_crop_batch
+from mae.transforms import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, PRETRAIN, REGION_DECODE, Augment, decode_crop_batch
 from pipelines.config import DataConfig
 from pipelines.console import forward_to_driver
 from pipelines.lanes import Lanes
@@ -40,11 +40,11 @@ UNITS_PER_DECODER = 4  # read units per decode task allowed to run, at the least
 
 
 def image_stream(source: Source, data: DataConfig, input_size: int, seed: int, reserved_cpus: float = 0.0,
-                 augment: bool = True, console: bool = False) -> ray.data.Dataset:
+                 augment: Augment | None = PRETRAIN, console: bool = False) -> ray.data.Dataset:
     """Rows {image: uint8 [S, S, 3], label: int64, skipped: int8} of `source`, with the
     data.* settings; call after ray.init. `reserved_cpus`: the CPUs the training workers
-    hold, which decoding leaves alone. `augment=False` gives the evaluation view (resize +
-    centre crop) instead of the random crop and flip. `console`: the decode tasks' warnings
+    hold, which decoding leaves alone. `augment`: the random training view
+    (mae/transforms.py), None for the evaluation view (resize + centre crop). `console`: the decode tasks' warnings
     go to the driver's console (pipelines/console.py), not only to their logs. Each
     execution reads the units in a new order; for training, `training_stream` gives epochs
     without a gap between them.
@@ -58,15 +58,15 @@ def image_stream(source: Source, data: DataConfig, input_size: int, seed: int, r
 
 
 def training_stream(source: Source, data: DataConfig, input_size: int, seed: int, reserved_cpus: float = 0.0,
-                    console: bool = False, augment: bool = True) -> Lanes:
+                    console: bool = False, augment: Augment | None = PRETRAIN) -> Lanes:
     """The training stream of `source` as two lanes (pipelines/lanes.py): two datasets over one
     datasource. Each lane may hold `image_stream`'s default of crops decoded ahead (at most a
     third of the object store); `data.object_store_memory` bounds both together."""
     return _lanes(source, data, input_size, seed, reserved_cpus, augment, console, 2)
 
 
-def _lanes(source: Source, data: DataConfig, input_size: int, seed: int, reserved_cpus: float, augment: bool,
-           console: bool, lanes: int) -> Lanes:
+def _lanes(source: Source, data: DataConfig, input_size: int, seed: int, reserved_cpus: float,
+           augment: Augment | None, console: bool, lanes: int) -> Lanes:
     resources = ray.cluster_resources()
     concurrency = data.decode_concurrency
     if concurrency is None:
@@ -106,9 +106,9 @@ def warn_whole_image_decode() -> None:
                        ray.util.get_node_ip_address())
 
 
-def decode_batch(blobs: list, labels: list, names: list, size: int, augment: bool = True,
+def decode_batch(blobs: list, labels: list, names: list, size: int, augment: Augment | None = PRETRAIN,
                  max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES) -> dict:
-    """Decode + crop (+ flip) a batch of encoded images into a block's columns. Each call
+    """Decode + crop (+ flip, + RandAugment: `augment`) a batch of encoded images into a block's columns. Each call
     draws fresh crops from OS entropy, so every epoch sees new crops. An image that does not
     decode (or is None: lost by the reader, which logged it) is replaced in its place by a
     fresh crop of a decodable one of the batch, flagged in `skipped`; if none of the batch
@@ -188,7 +188,7 @@ class IdleWait(ray_compat.ExecutionCallback):
 class ImageDatasource(ray.data.Datasource):
     """A source's images, read and decoded in the same Ray task (see `image_stream`)."""
 
-    def __init__(self, source: Source, data: DataConfig, size: int, seed: int, augment: bool, counter,
+    def __init__(self, source: Source, data: DataConfig, size: int, seed: int, augment: Augment | None, counter,
                  console: bool = False, decoders: int = 1):
         self.source, self.size, self.seed, self.augment, self.counter = source, size, seed, augment, counter
         self.console = console

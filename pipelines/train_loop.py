@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import ray.train
@@ -36,12 +37,15 @@ from pipelines.errors import FatalError
 from pipelines.run_files import RunLog, end_attempt, ended_by
 from pipelines.skips import epoch_counts, skip_counter
 from pipelines.lanes import DTYPES, NAMES as LANES, EpochStreams
-from pipelines.train_state import (CheckpointWriter, State, build_state, restore, run_record,
+from pipelines.classify import Objective, evaluate, init_from_pretrained
+from pipelines.train_state import (CheckpointWriter, State, build_state, read_pretrained, restore, run_record,
                                    starting_checkpoint)
 
 logger = logging.getLogger("mae.train")
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+TASK_VERBS = {"pretrain": "training", "finetune": "fine-tuning", "linprobe": "linear probing"}
+VAL = "val"  # the validation stream's dataset name in Ray Train (fine-tuning, linear probing)
 
 
 class NonFiniteLossError(FatalError):
@@ -65,11 +69,13 @@ class Worker:
 
 @dataclass(frozen=True)
 class StepConfig:
-    """What one micro-step needs."""
+    """What one micro-step needs. `objective(model, images, labels)`: the loss of a
+    classification task (pipelines/classify.py); None: the MAE's own at `mask_ratio`."""
     device: torch.device
     mask_ratio: float
     accum_iter: int
     amp_dtype: torch.dtype | None = None
+    objective: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass
@@ -198,17 +204,24 @@ def error_message(e: BaseException) -> str:
 
 def train(config: dict) -> None:
     cfg = from_dict(config["cfg"])
-    row = cfg.accelerator
+    row, task = cfg.accelerator, cfg.train.task
     worker, placement = start_worker(row, cfg.train.precision)
     sched = Schedule.of(cfg, config["num_images"], worker.world)
-    state = build_state(cfg.model, cfg.optim, cfg.train, row, worker.device, sched.peak_lr)
+    state = build_state(cfg, row, worker.device, sched.peak_lr, config.get("num_classes"))
     state.micro_batch_images = cfg.train.batch_size * worker.world
     ckpt, source = starting_checkpoint(cfg.run)
+    if ckpt is None and task != "pretrain" and cfg.model.checkpoint:
+        fresh = init_from_pretrained(state.model, read_pretrained(cfg), task)
+        source = f"the encoder of model.checkpoint={cfg.model.checkpoint} (newly initialised: {', '.join(fresh)})"
+    elif ckpt is None and task != "pretrain":
+        source = "random weights (no model.checkpoint)"
     restore(state, ckpt, sched.steps_per_epoch)
     if cfg.train.compile and not row.compiles:
         logger.warning("train.compile: torch.compile is not supported on %s; running eager", row.device_type)
     model = wrap_model(state.model, cfg.train.compile and row.compiles, worker.world)
-    step = StepConfig(worker.device, cfg.model.mask_ratio, sched.accum_iter, AMP_DTYPES[cfg.train.precision])
+    amp_dtype = AMP_DTYPES[cfg.train.precision]
+    objective = Objective(cfg, config["num_classes"], worker.device) if task != "pretrain" else None
+    step = StepConfig(worker.device, cfg.model.mask_ratio, sched.accum_iter, amp_dtype, objective)
     placements = gather_objects(placement, worker.world)
     reporter = Reporter(worker, run_record(cfg, worker.world, sched.accum_iter), config["storage"])
     if worker.is_chief:
@@ -217,21 +230,23 @@ def train(config: dict) -> None:
             from pipelines.tracking import MlflowTracker
             tracker = MlflowTracker(config["storage"], cfg.run.mlflow_tracking_uri, cfg.run.mlflow_experiment,
                                     cfg.run.name, config["cfg"])
-        reporter.start(RunLog(config["storage"], state.epoch, state.step, cfg.run.tensorboard, tracker),
-                       Figures(config["held_out"], cfg.model, cfg.train.seed, worker.device))
+        figures = Figures(config["held_out"], cfg.model, cfg.train.seed, worker.device) if task == "pretrain" else None
+        reporter.start(RunLog(config["storage"], state.epoch, state.step, cfg.run.tensorboard, tracker), figures)
         reporter.run_log.record_attempt({"job_id": ray.get_runtime_context().get_job_id(),
                                          "epoch": state.epoch, "iteration": state.iteration, "step": state.step,
                                          "source": source, "workers": placements})
-        logger.info("training %s from epoch %d, micro-batch %d (step %d; %s) to epoch %d: %d workers x batch %d x "
-                    "accum %d = %d images per step, lr %.3g, %d steps per epoch", cfg.model.name, state.epoch,
-                    state.iteration, state.step, source, sched.epochs, worker.world, cfg.train.batch_size,
-                    sched.accum_iter, sched.images_per_step, sched.peak_lr, sched.steps_per_epoch)
+        logger.info("%s %s from epoch %d, micro-batch %d (step %d; %s) to epoch %d: %d workers x batch %d x "
+                    "accum %d = %d images per step, lr %.3g, %d steps per epoch", TASK_VERBS[task], cfg.model.name,
+                    state.epoch, state.iteration, state.step, source, sched.epochs, worker.world,
+                    cfg.train.batch_size, sched.accum_iter, sched.images_per_step, sched.peak_lr,
+                    sched.steps_per_epoch)
     loop = Loop(worker, sched, step, model, reporter, Progress(sched, time.perf_counter(), state.step))
     counter = skip_counter()
     streams = EpochStreams([ray.train.get_dataset_shard(name) for name in LANES], config["stream"], counter,
                            plans=worker.is_chief, batch_size=cfg.train.batch_size, drop_last=True, device="cpu",
                            pin_memory=worker.device.type == "cuda", prefetch_batches=cfg.data.prefetch_batches,
                            dtypes=DTYPES)
+    val = ray.train.get_dataset_shard(VAL) if config.get("val") else None
     for epoch in range(state.epoch, sched.epochs):
         torch.manual_seed(hash((cfg.train.seed, worker.rank, epoch, state.iteration)) % 2**63)  # masking noise
         batches = streams.epoch(epoch, state.iteration, epoch + 1 if epoch + 1 < sched.epochs else None)
@@ -254,7 +269,17 @@ def train(config: dict) -> None:
         if stream.get("decode_seconds"):  # rank 0: what the decoders did for this epoch
             metrics["decoded_images"] = stream["decoded"]
             metrics["decode_images_per_cpu_sec"] = stream["decoded"] / (stream["decode_seconds"] * cfg.data.decode_cpus)
-        reporter.epoch_end(state, metrics, log)
+        best = False
+        if val is not None:  # the bare model: every rank holds the same weights, no collective per batch
+            batches = val.iter_torch_batches(batch_size=cfg.train.batch_size, dtypes=DTYPES, device="cpu",
+                                             prefetch_batches=cfg.data.prefetch_batches)
+            accuracy = evaluate(state.model, batches, worker.device, amp_dtype, worker.world)
+            metrics.update(accuracy.metrics())
+            best = state.best is None or metrics["val_top1"] > state.best["val_top1"]
+            if best:
+                state.best = {"epoch": epoch, "val_top1": metrics["val_top1"], "val_top5": metrics["val_top5"]}
+            metrics["best_val_top1"] = state.best["val_top1"]
+        reporter.epoch_end(state, metrics, log, best)
     if worker.is_chief:
         reporter.writer.wait()  # the last checkpoint is in the run directory before the run ends
         if reporter.run_log.tracker is not None:
@@ -308,16 +333,20 @@ def wrap_model(model: torch.nn.Module, compile: bool, world: int) -> torch.nn.Mo
 
 def micro_step(model: torch.nn.Module, images: torch.Tensor, step: StepConfig, scaler: torch.amp.GradScaler,
                sync_grads: bool = True, noise: torch.Tensor | None = None,
-               inputs: torch.Tensor | None = None) -> torch.Tensor:
-    """Forward + backward of one micro-batch of uint8 [N, H, W, 3] images; returns the
-    detached loss. With `sync_grads=False` a DDP model skips its all-reduce (`no_sync`).
-    `inputs`: a float [N, 3, H, W] tensor on the step's device to normalise the batch into
-    (reused from step to step on the CPU, where allocating it anew costs more than normalising)."""
+               inputs: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Forward + backward of one micro-batch of uint8 [N, H, W, 3] images (and their
+    `labels`, for a classification objective); returns the detached loss. With
+    `sync_grads=False` a DDP model skips its all-reduce (`no_sync`). `inputs`: a float
+    [N, 3, H, W] tensor on the step's device to normalise the batch into (reused from step to
+    step on the CPU, where allocating it anew costs more than normalising)."""
     imgs = normalize_on_device(images, step.device, out=inputs)
     no_sync = not sync_grads and isinstance(model, DistributedDataParallel)
     with model.no_sync() if no_sync else contextlib.nullcontext():
         with torch.autocast(step.device.type, dtype=step.amp_dtype, enabled=step.amp_dtype is not None):
-            loss, _, _ = model(imgs, mask_ratio=step.mask_ratio, noise=noise)
+            if step.objective is None:
+                loss, _, _ = model(imgs, mask_ratio=step.mask_ratio, noise=noise)
+            else:
+                loss = step.objective(model, imgs, labels.to(step.device, non_blocking=True))
         scaler.scale(loss / step.accum_iter).backward()
     return loss.detach()
 
@@ -353,7 +382,8 @@ def train_one_epoch(loop: Loop, state: State, batches, epoch: int) -> EpochLog:
             n, h, w, _ = batch["image"].shape
             inputs = torch.empty((n, 3, h, w))
         last_micro = (i + 1) % accum == 0
-        loss = micro_step(loop.model, batch["image"], loop.step, state.scaler, sync_grads=last_micro, inputs=inputs)
+        loss = micro_step(loop.model, batch["image"], loop.step, state.scaler, sync_grads=last_micro, inputs=inputs,
+                          labels=batch["label"])
         log.losses[j] += loss.float() / accum
         step_rows += len(batch["image"])
         if not last_micro:
@@ -442,27 +472,34 @@ class Reporter:
         self.run_log: RunLog | None = None
         self.figures: Figures | None = None
 
-    def start(self, run_log: RunLog, figures: Figures) -> None:
-        """Rank 0: the run files as the checkpoint left them, and the figures' fixed inputs."""
+    def start(self, run_log: RunLog, figures: Figures | None) -> None:
+        """Rank 0: the run files as the checkpoint left them, and the figures' fixed inputs
+        (pretraining only)."""
         self.run_log, self.figures = run_log, figures
 
-    def epoch_end(self, state: State, metrics: dict, log: EpochLog) -> None:
+    def epoch_end(self, state: State, metrics: dict, log: EpochLog, best: bool = False) -> None:
+        """`best`: this epoch's validation top-1 is the run's best so far; its checkpoint is
+        also kept as best/checkpoint.pth."""
         if self.worker.is_chief:
-            png = self.figures.reconstructions(state.model, metrics["epoch"])
+            png = self.figures.reconstructions(state.model, metrics["epoch"]) if self.figures else None
             self.run_log.flush(metrics, log.records(state.step), png)
             logger.info("epoch %d done: train_loss %.4f  lr %.3e  images/s %.1f  decoded %d (%d skipped), "
                         "%.0f images/s per decode CPU", metrics["epoch"], metrics["train_loss"], metrics["train_lr"],
                         metrics["images_per_sec"], metrics.get("decoded_images", 0), metrics["skipped_images"],
                         metrics.get("decode_images_per_cpu_sec", 0.0))
-        self._report(state, metrics)
+            if "val_top1" in metrics:
+                logger.info("epoch %d validation: top-1 %.2f%%  top-5 %.2f%%  loss %.4f  (%d images; best top-1 "
+                            "%.2f%%)", metrics["epoch"], metrics["val_top1"], metrics["val_top5"],
+                            metrics["val_loss"], metrics["val_images"], metrics["best_val_top1"])
+        self._report(state, metrics, best)
 
     def mid_epoch(self, state: State, metrics: dict, log: EpochLog) -> None:
         if self.worker.is_chief:
             self.run_log.flush_steps(log.records(state.step))
         self._report(state, metrics)
 
-    def _report(self, state: State, metrics: dict) -> None:
+    def _report(self, state: State, metrics: dict, best: bool = False) -> None:
         if not self.worker.is_chief:
             ray.train.report(metrics, checkpoint=None)
             return
-        self.writer.submit(state, self.record, metrics, checkpoint_dir_name(metrics["epoch"], state.step))
+        self.writer.submit(state, self.record, metrics, checkpoint_dir_name(metrics["epoch"], state.step), best)

@@ -21,14 +21,15 @@ from ray.train import CheckpointUploadMode
 
 from cluster.accelerators import Accelerator
 from cluster.storage import Storage, open_storage
-from mae import create_model
-from mae.checkpoint import CHECKPOINT_FILE, load_checkpoint, load_mae_state, model_state, save_checkpoint
+from mae import MaskedAutoencoderViT, create_model
+from mae.checkpoint import CHECKPOINT_DIR, CHECKPOINT_FILE, load_checkpoint, load_mae_state, model_state, save_checkpoint
 from mae.export import HF_CONFIG, HF_WEIGHTS, read_hf
 from mae.recipe import build_optimizer
-from pipelines.config import Config, ModelConfig, OptimConfig, RunConfig, TrainConfig
+from pipelines.config import Config, RunConfig
 from pipelines.errors import FatalError
 
 logger = logging.getLogger("mae.train")
+BEST = "best"  # the folder of a classification run's best checkpoint (by validation top-1)
 
 
 @dataclass
@@ -41,15 +42,24 @@ class State:
     iteration: int = 0  # micro-batch of `epoch` to continue at (0 unless resumed mid-epoch)
     step: int = 0  # optimizer steps completed so far
     micro_batch_images: int = 1  # images one micro-batch takes over all workers (batch x workers)
+    best: dict | None = None  # classification: the epoch of the best validation top-1 so far, and its metrics
 
 
-def build_state(model: ModelConfig, optim: OptimConfig, train: TrainConfig, row: Accelerator, device: torch.device,
-                lr: float) -> State:
-    """Fresh weights (seeded by `train.seed`), AdamW at `lr`, and the gradient scaler (on for fp16)."""
-    torch.manual_seed(train.seed)
-    net = create_model(model.name, img_size=model.input_size, norm_pix_loss=model.norm_pix_loss).to(device)
-    optimizer = build_optimizer(net, lr=lr, weight_decay=optim.weight_decay, fused=device.type == "cuda")
-    return State(net, optimizer, row.make_scaler(enabled=train.precision == "fp16"))
+def build_state(cfg: Config, row: Accelerator, device: torch.device, lr: float, num_classes: int | None = None) -> State:
+    """Fresh weights (seeded by `train.seed`), the task's optimizer at `lr` and the gradient
+    scaler (on for fp16). Pretraining: the MAE and AdamW (0.9, 0.95); fine-tuning and linear
+    probing: the classifier of `num_classes` and its optimizer (pipelines/classify.py)."""
+    m, t = cfg.model, cfg.train
+    torch.manual_seed(t.seed)
+    fused = device.type == "cuda"
+    if t.task == "pretrain":
+        net = create_model(m.name, img_size=m.input_size, norm_pix_loss=m.norm_pix_loss).to(device)
+        optimizer = build_optimizer(net, lr=lr, weight_decay=cfg.optim.weight_decay, fused=fused)
+    else:
+        from pipelines.classify import build_classifier, build_classifier_optimizer
+        net = build_classifier(cfg, num_classes).to(device)
+        optimizer = build_classifier_optimizer(net, cfg, lr, fused)
+    return State(net, optimizer, row.make_scaler(enabled=t.precision == "fp16"))
 
 
 def read_resume_from(run: RunConfig) -> tuple[dict, str]:
@@ -82,6 +92,40 @@ def starting_checkpoint(run: RunConfig) -> tuple[dict | None, str]:
     return None, "fresh weights"
 
 
+def locate_pretrained(cfg: Config) -> tuple[Storage, str]:
+    """(storage, file name) of the checkpoint `model.checkpoint` names (fine-tuning, linear
+    probing): a checkpoint file of ours or an official .pth, or a run directory of ours (its
+    latest checkpoint), on local storage or S3. FileNotFoundError names what is missing."""
+    uri, r = cfg.model.checkpoint, cfg.run
+    store = open_storage(uri, r.s3_endpoint, r.s3_region, r.s3_credentials_file)
+    info = store.fs.get_file_info(store.root)
+    if info.type == pafs.FileType.Directory:
+        found = sorted(i.base_name for i in store.fs.get_file_info(pafs.FileSelector(store.root))
+                       if CHECKPOINT_DIR.fullmatch(i.base_name))
+        for name in reversed(found):
+            if store.fs.get_file_info(store.path(f"{name}/{CHECKPOINT_FILE}")).type == pafs.FileType.File:
+                return store, f"{name}/{CHECKPOINT_FILE}"
+        raise FileNotFoundError(f"model.checkpoint: the folder {uri!r} holds no checkpoint_epoch_*_step_*/"
+                                f"{CHECKPOINT_FILE}")
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(f"model.checkpoint: no such checkpoint file or run directory {uri!r}")
+    folder, _, name = uri.rstrip("/").rpartition("/")
+    return open_storage(folder or ".", r.s3_endpoint, r.s3_region, r.s3_credentials_file), name
+
+
+def read_pretrained(cfg: Config) -> dict:
+    """The checkpoint dict `locate_pretrained` finds; a FatalError (a restart would meet it
+    again) when it is gone."""
+    try:
+        store, name = locate_pretrained(cfg)
+    except FileNotFoundError as e:
+        raise FatalError(str(e)) from None
+    data = store.read(name)
+    if data is None:
+        raise FatalError(f"model.checkpoint: {store.path(name)} is gone")
+    return load_checkpoint(io.BytesIO(data))
+
+
 def restore(state: State, ckpt: dict | None, steps_per_epoch: int) -> None:
     """Load a checkpoint of ours or the official code's into `state`.
 
@@ -92,9 +136,16 @@ def restore(state: State, ckpt: dict | None, steps_per_epoch: int) -> None:
     """
     if ckpt is None:
         return
-    missing = load_mae_state(state.model, model_state(ckpt))
-    if missing:
-        logger.info("checkpoint holds the encoder only; newly initialised: %s", ", ".join(missing))
+    if isinstance(state.model, MaskedAutoencoderViT):
+        missing = load_mae_state(state.model, model_state(ckpt))
+        if missing:
+            logger.info("checkpoint holds the encoder only; newly initialised: %s", ", ".join(missing))
+    else:  # a classifier of ours: the whole of it
+        try:
+            state.model.load_state_dict(model_state(ckpt))
+        except RuntimeError as e:  # a restart would meet it again
+            raise FatalError(f"the checkpoint does not fit this classifier (model.name, model.num_classes, "
+                             f"train.task): {' '.join(str(e).split())[:500]}") from None
     if "optimizer" not in ckpt or "epoch" not in ckpt:
         return
     state.optimizer.load_state_dict(ckpt["optimizer"])
@@ -109,6 +160,7 @@ def restore(state: State, ckpt: dict | None, steps_per_epoch: int) -> None:
                              f"which is not a whole number of micro-batches of {state.micro_batch_images} images "
                              "at this worker count; resume it with train.effective_batch unchanged")
     state.step = ckpt.get("step", state.epoch * steps_per_epoch)
+    state.best = ckpt.get("best")
 
 
 def run_record(cfg: Config, world: int, accum_iter: int) -> dict:
@@ -120,7 +172,7 @@ def run_record(cfg: Config, world: int, accum_iter: int) -> dict:
             "norm_pix_loss": m.norm_pix_loss, "batch_size": t.batch_size, "accum_iter": accum_iter,
             "epochs": t.epochs, "warmup_epochs": o.warmup_epochs, "blr": o.blr, "lr": o.lr,
             "min_lr": o.min_lr, "weight_decay": o.weight_decay, "seed": t.seed,
-            "data_path": cfg.data.path, "world_size": world}
+            "data_path": cfg.data.path, "world_size": world, "task": t.task}
     return {"args": args, "config": cfg.to_dict()}
 
 
@@ -133,7 +185,7 @@ def checkpoint_dict(state: State, record: dict) -> dict:
             "epoch": state.epoch - 1, "scaler": state.scaler.state_dict(), "args": record["args"],
             "step": state.step,
             "position": {"epoch": state.epoch, "images": state.iteration * state.micro_batch_images},
-            "config": record["config"]}
+            "config": record["config"], "best": state.best}
 
 
 def to_host(obj, pin: bool = False):
@@ -183,7 +235,7 @@ class CheckpointWriter:
         self.idle.set()
         self.stalls: list[float] = []  # seconds the training thread spent in each submit
 
-    def submit(self, state: "State", record: dict, metrics: dict, name: str) -> None:
+    def submit(self, state: "State", record: dict, metrics: dict, name: str, best: bool = False) -> None:
         t0 = time.perf_counter()
         self.wait()
         ckpt = checkpoint_dict(state, record)
@@ -194,21 +246,25 @@ class CheckpointWriter:
         try:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=name,
                              checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=False,
-                             checkpoint_upload_fn=lambda checkpoint, dir_name: self._persist(host, folder, dir_name))
+                             checkpoint_upload_fn=lambda checkpoint, dir_name: self._persist(host, folder, dir_name,
+                                                                                             best))
         except BaseException:
             self._done(folder)
             raise
         self.stalls.append(time.perf_counter() - t0)
 
-    def _persist(self, host: dict, folder: str, name: str) -> ray.train.Checkpoint:
+    def _persist(self, host: dict, folder: str, name: str, best: bool) -> ray.train.Checkpoint:
         try:
+            names = [name, BEST] if best else [name]  # best/: outside Ray Train's checkpoints, never pruned
             if isinstance(self.storage.fs, pafs.LocalFileSystem):
-                os.makedirs(self.storage.path(name), exist_ok=True)
-                save_checkpoint(host, os.path.join(self.storage.path(name), CHECKPOINT_FILE))
-                self.storage.sync(name)
+                for each in names:
+                    os.makedirs(self.storage.path(each), exist_ok=True)
+                    save_checkpoint(host, os.path.join(self.storage.path(each), CHECKPOINT_FILE))
+                    self.storage.sync(each)
             else:
                 save_checkpoint(host, os.path.join(folder, CHECKPOINT_FILE))
-                pafs.copy_files(folder, self.storage.path(name), destination_filesystem=self.storage.fs)
+                for each in names:
+                    pafs.copy_files(folder, self.storage.path(each), destination_filesystem=self.storage.fs)
             return ray.train.Checkpoint(self.storage.path(name), filesystem=self.storage.fs)
         finally:
             self._done(folder)

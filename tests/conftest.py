@@ -90,10 +90,10 @@ def s3_server():
 
 # Helpers for the end-to-end tests (imported from conftest).
 
-def run_pretrain(*overrides, config="configs/debug.yaml", timeout=600, wait=True):
-    """`python pipelines/pretrain.py --config CONFIG overrides...` in the repository root,
-    joining the shared cluster through RAY_ADDRESS."""
-    cmd = [sys.executable, "pipelines/pretrain.py", "--config", config, *overrides]
+def run_pretrain(*overrides, config="configs/debug.yaml", timeout=600, wait=True, entry="pipelines/pretrain.py"):
+    """`python ENTRY --config CONFIG overrides...` (by default pipelines/pretrain.py) in the
+    repository root, joining the shared cluster through RAY_ADDRESS."""
+    cmd = [sys.executable, entry, "--config", config, *overrides]
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=os.environ)

@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image, JpegImagePlugin, PngImagePlugin
 
-from mae.transforms import (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, _jpeg_region, check_limits, decode_crop_batch,
-                            decode_rgb, eval_crops, eval_view, image_size, jpeg_crop_flip)
+from mae.transforms import (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, PRETRAIN, _jpeg_region, check_limits,
+                            decode_crop_batch, decode_rgb, eval_crops, eval_view, image_size, jpeg_crop_flip)
 from test_transforms import _needs_region_decode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,7 +145,7 @@ def test_check_limits_names_the_limit():
     check_limits(good(), H * W, len(good()))  # at both limits exactly: accepted
 
 
-@pytest.mark.parametrize("augment", [True, False])
+@pytest.mark.parametrize("augment", [PRETRAIN, None])
 def test_batch_keeps_the_good_images_and_names_the_limit_of_the_rest(augment):
     big = _encode(_photo(256, 256), quality=95)  # an ordinary image, over a 50 KB byte limit
     assert len(big) > 50_000
@@ -179,7 +179,7 @@ def test_the_pixel_and_byte_limits_are_exact_on_an_ordinary_image():
         with pytest.raises(ValueError, match=f"over data.max_image_bytes={len(data) - 1}"):
             eval_view(data, 16, max_bytes=len(data) - 1)
         assert eval_view(data, 16, max_pixels=H * W, max_bytes=len(data)).shape == (16, 16, 3)
-        for augment in (True, False):
+        for augment in (PRETRAIN, None):
             _, ok, errors = decode_crop_batch([data], 16, np.random.default_rng(0), augment=augment,
                                               max_pixels=H * W - 1)
             assert ok == [] and "data.max_pixels=3071" in errors[0]
@@ -229,7 +229,7 @@ def test_region_decode_never_sees_a_bomb():
 PEAK = """
 import json, sys
 import numpy as np
-from mae.transforms import decode_crop_batch, decode_rgb, eval_view
+from mae.transforms import PRETRAIN, decode_crop_batch, decode_rgb, eval_view
 
 def peak_mb():
     # the peak RSS since the last reset_peak (VmHWM)
@@ -243,12 +243,12 @@ def reset_peak():
 
 good, *bombs = [open(p, "rb").read() for p in sys.argv[1:]]
 rng = np.random.default_rng(0)
-for augment in (True, False):  # load every library the decode paths use before the baseline
+for augment in (PRETRAIN, None):  # load every library the decode paths use before the baseline
     decode_crop_batch([good, b"junk"], 32, rng, augment=augment)
 reset_peak()
 base = peak_mb()
 refused = 0
-for augment in (True, False):
+for augment in (PRETRAIN, None):
     _, ok, errors = decode_crop_batch([good] + bombs * 4, 32, rng, augment=augment)
     refused += len(errors)
 for bomb in bombs:

@@ -146,3 +146,33 @@ def test_cli_as_a_script(tiny_checkpoint, tmp_path):
                              "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert out.is_file() and "load it with: timm.create_model(" in result.stdout
+
+
+@pytest.mark.parametrize("task", ["finetune", "linprobe"])
+def test_classifier_exports_to_timms_vit_base_with_identical_logits(task, tmp_path, capsys):
+    from mae.checkpoint import save_checkpoint
+    from mae.classifier import create_classifier
+
+    torch.manual_seed(0)
+    model = create_classifier("mae_vit_base_patch16", 224, 7, task)
+    with torch.no_grad():  # a trained head and BatchNorm statistics, not their initial values
+        for name, p in model.named_parameters():
+            if name.startswith(("head", "fc_norm")):
+                p.normal_(0, 0.1)
+        if task == "linprobe":
+            model.head[0].running_mean.normal_(0, 0.5)
+            model.head[0].running_var.uniform_(0.5, 2.0)
+    config = {"model": {"name": "mae_vit_base_patch16", "input_size": 224, "global_pool": True},
+              "train": {"task": task}}
+    path, out = tmp_path / "checkpoint.pth", tmp_path / "classifier.safetensors"
+    save_checkpoint({"model": model.state_dict(), "config": config}, path)
+    assert main(["--checkpoint", str(path), "--to", "timm", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    pool = "avg" if task == "finetune" else "token"
+    assert f'timm.create_model("vit_base_patch16_224", pretrained=True, num_classes=7, global_pool="{pool}"' in printed
+    vit = timm.create_model("vit_base_patch16_224", pretrained=True, num_classes=7, global_pool=pool,
+                            pretrained_cfg_overlay=dict(file=str(out), num_classes=7)).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(vit(x), model.eval()(x), rtol=1e-5, atol=1e-5)
+    assert main(["--checkpoint", str(path), "--to", "hf", "--out", str(tmp_path / "hf")]) == 2

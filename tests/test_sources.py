@@ -11,7 +11,7 @@ import pyarrow.fs as pafs
 import pytest
 from PIL import Image
 
-from mae.transforms import decode_rgb, eval_resize_crop
+from mae.transforms import PRETRAIN, decode_rgb, eval_resize_crop
 from pipelines.config import DataConfig
 from pipelines.prepare_shards import convert, parse_size
 from pipelines.reading import DataError, expand_braces, list_imagefolder, list_shards, open_source
@@ -47,12 +47,12 @@ def expected(root) -> collections.Counter:
     return out
 
 
-def streamed(source, augment=False):
+def streamed(source, augment=None):
     rows = stream(source, seed=0, batch=8, files_per_task=5, augment=augment).take_all()
     return collections.Counter((int(r["label"]), hashlib.sha1(r["image"].tobytes()).hexdigest()) for r in rows), rows
 
 
-def stream(source, size=SIZE, seed=0, batch=256, files_per_task=1024, augment=True, ahead_bytes=None):
+def stream(source, size=SIZE, seed=0, batch=256, files_per_task=1024, augment=PRETRAIN, ahead_bytes=None):
     """The training stream of `source` with these data.* settings."""
     data = DataConfig(decode_batch_size=batch, read_files_per_task=files_per_task, object_store_memory=ahead_bytes)
     return image_stream(source, data, size, seed, augment=augment)
@@ -101,7 +101,7 @@ def test_training_crops_are_random_uint8_and_new_each_epoch(ray_client, photos):
 def test_file_and_shard_order_is_reshuffled_every_epoch(ray_client, photos, tmp_path):
     convert(str(photos), str(tmp_path / "wds"), "webdataset", shard_size=100 * 2**10)
     for fmt, path in (("imagefolder", str(photos)), ("webdataset", str(tmp_path / "wds"))):
-        ds = stream(open_source(fmt, path), seed=3, batch=8, augment=False)
+        ds = stream(open_source(fmt, path), seed=3, batch=8, augment=None)
         orders = [[int(r["label"]) * 0 + hash(r["image"].tobytes()) for r in ds.take_all()] for _ in range(3)]
         assert sorted(orders[0]) == sorted(orders[1]) == sorted(orders[2])
         assert len({tuple(o) for o in orders}) == 3, fmt
@@ -141,7 +141,7 @@ def test_undecodable_files_are_skipped_counted_and_replaced(ray_client, photos, 
     source = open_source(fmt, str(root))
     total = sum(expected(photos).values()) + bad
     assert len(source) == total
-    _, rows = streamed(source, augment=True)
+    _, rows = streamed(source, augment=PRETRAIN)
     assert sum(1 for r in rows if r["skipped"] == 0) == total - bad  # every good image, once
     # fresh crops of good images stand in for the broken ones, except in a read unit that held
     # nothing but broken images (the count of skips stays exact: test_hostile.py)
@@ -270,7 +270,7 @@ def test_one_shard_is_split_for_every_decoder_and_each_image_read_once(ray_clien
     assert counts == expected(photos) and all(r["skipped"] == 0 for r in rows)
 
 
-def epoch_streams(source, augment: bool, batch: int = 4):
+def epoch_streams(source, augment, batch: int = 4):
     """`EpochStreams` over `source`'s training lanes, read as the train loop reads them."""
     from pipelines.skips import skip_counter
     from pipelines.lanes import DTYPES, EpochStreams
@@ -292,7 +292,7 @@ def test_the_next_epoch_decodes_while_this_one_is_read_each_with_its_own_order_a
     from pipelines.skips import epoch_counts, skip_counter
     counter = skip_counter()
     want = expected(photos)
-    key, streams = epoch_streams(open_source("imagefolder", str(photos)), augment=False)
+    key, streams = epoch_streams(open_source("imagefolder", str(photos)), augment=None)
     orders = []
     for e in range(3):
         batches = streams.epoch(e, 0, e + 1)
@@ -314,7 +314,7 @@ def test_the_next_epoch_decodes_while_this_one_is_read_each_with_its_own_order_a
     root = tmp_path / "broken"
     shutil.copytree(photos, root)
     bad = add_broken_files(root)
-    key, streams = epoch_streams(open_source("imagefolder", str(root)), augment=True)
+    key, streams = epoch_streams(open_source("imagefolder", str(root)), augment=PRETRAIN)
     crops = []
     for e in range(2):
         rows = list(streams.epoch(e, 0, e + 1))
