@@ -97,7 +97,8 @@ def official_transform(recipe: str, size: int):
     if recipe == "pretrain":
         return transforms.Compose([
             transforms.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
-            transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+            transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     from timm.data import auto_augment, create_transform
     tf = create_transform(size, is_training=True, color_jitter=None, auto_augment=RAND_AUGMENT,
                           interpolation="bicubic", re_prob=0.25, re_mode="pixel", re_count=1, mean=IMAGENET_MEAN,

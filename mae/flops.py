@@ -1,5 +1,6 @@
-"""Model FLOPs of an MAE training step, counted from the architecture (matmuls only,
-multiply-add = 2 FLOPs; backward = 2x forward)."""
+"""Model FLOPs of a training step, counted from the architecture (matmuls only, multiply-add
+= 2 FLOPs; backward = 2x forward): the MAE's, and the classifier's of fine-tuning and linear
+probing (mae/classifier.py)."""
 from mae.model import MaskedAutoencoderViT
 
 
@@ -28,3 +29,16 @@ def forward_flops_per_image(model: MaskedAutoencoderViT, mask_ratio: float = 0.7
 
 def train_flops_per_image(model: MaskedAutoencoderViT, mask_ratio: float = 0.75) -> float:
     return 3 * forward_flops_per_image(model, mask_ratio)
+
+
+def classifier_train_flops_per_image(model, task: str) -> float:
+    """A timm ViT classifier on every patch (+ cls): fine-tuning trains it all (3x forward);
+    a linear probe's backward reaches only its head (about 1x forward)."""
+    length = model.patch_embed.num_patches
+    d = model.pos_embed.shape[-1]
+    patch_dim = model.patch_embed.proj.weight[0].numel()
+    ratio = model.blocks[0].mlp.fc1.out_features / d
+    head = model.head[-1] if hasattr(model.head, "__getitem__") else model.head
+    flops = 2 * length * patch_dim * d + len(model.blocks) * _block_flops(length + 1, d, ratio)
+    flops += 2 * head.in_features * head.out_features
+    return float(3 * flops if task == "finetune" else flops + 4 * head.in_features * head.out_features)

@@ -1,11 +1,12 @@
-"""What a config will do, on one screen, before any accelerator is committed
-(`pretrain.py --plan`): nothing is trained and no cluster is needed.
+"""What a config will do, on one screen, before any accelerator is committed (`--plan` of
+pretrain.py, finetune.py and linprobe.py): nothing is trained and no cluster is needed.
 
 The schedule comes from the config and the image count (listed from `data.path` when it is
-readable here, else ImageNet-1k's); the model's size and FLOPs from its preset; the input
-rate from a stated images/s per accelerator; the decode CPUs it needs from the decode rate
-measured here, on one CPU, on images of the data (or on two real photographs that ship with
-scikit-learn when the data is not readable here).
+readable here, else ImageNet-1k's); the model's size and FLOPs from its preset (the MAE, or
+the classifier on its encoder); the input rate from a stated images/s per accelerator; the
+decode CPUs it needs from the decode rate measured here, on one CPU, with the config's
+training view (RandAugment included), on images of the data (or on two real photographs
+that ship with scikit-learn when the data is not readable here).
 """
 import math
 import os
@@ -16,8 +17,9 @@ import numpy as np
 import torch
 
 from mae import create_model
-from mae.flops import train_flops_per_image
-from mae.transforms import decode_crop_batch
+from mae.classifier import create_classifier
+from mae.flops import classifier_train_flops_per_image, train_flops_per_image
+from mae.transforms import PRETRAIN, Augment, decode_crop_batch
 from pipelines.config import Config
 
 IMAGENET_1K_TRAIN = 1_281_167
@@ -35,16 +37,17 @@ def sample_images(source, n: int = 32) -> tuple[list[bytes], str]:
     return blobs * (n // 2), "2 photographs (640x427 JPEG) shipped with scikit-learn"
 
 
-def decode_rate(blobs: list[bytes], size: int, seconds: float = 1.0) -> float:
-    """Images/s that one CPU decodes + crops + flips (the stream's work per image)."""
+def decode_rate(blobs: list[bytes], size: int, seconds: float = 1.0, augment: Augment = PRETRAIN) -> float:
+    """Images/s that one CPU decodes + crops + flips (+ RandAugment: `augment`), the
+    stream's work per image."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         rng = np.random.default_rng(0)
-        decode_crop_batch(blobs[:2], size, rng)  # warm up
+        decode_crop_batch(blobs[:2], size, rng, augment)  # warm up
         done, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds:
-            _, ok, _ = decode_crop_batch(blobs, size, rng)
+            _, ok, _ = decode_crop_batch(blobs, size, rng, augment)
             done += len(ok)
         return done / (time.perf_counter() - t0)
     finally:
@@ -71,13 +74,20 @@ def plan(cfg: Config, num_images: int | None, images_note: str, blobs: list[byte
     accum = cfg.accum_iter(s.num_workers)
     steps = iters // accum
     with torch.device("meta"):
-        model = create_model(m.name, img_size=m.input_size)
+        if t.task == "pretrain":
+            model = create_model(m.name, img_size=m.input_size)
+        else:
+            model = create_classifier(m.name, m.input_size, m.num_classes or 1000, t.task, m.drop_path, m.global_pool)
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    flops = train_flops_per_image(model, m.mask_ratio)
-    checkpoint = 4 * (params + 2 * trainable)  # fp32 weights + AdamW's two moments
+    if t.task == "pretrain":
+        flops = train_flops_per_image(model, m.mask_ratio)
+    else:
+        flops = classifier_train_flops_per_image(model, t.task)
+    moments = "LARS momentum" if t.task == "linprobe" else "AdamW moments"
+    checkpoint = 4 * (params + (1 if t.task == "linprobe" else 2) * trainable)  # fp32 weights + the optimizer's
     feed = accelerator_rate * s.num_workers
-    per_cpu = decode_rate(blobs, m.input_size)
+    per_cpu = decode_rate(blobs, m.input_size, augment=Augment((cfg.augment.min_scale, 1.0), cfg.augment.rand_augment))
     row = cfg.accelerator
     resources = row.worker_resources(s.cpus_per_worker)
     lines = ["resolved config:", *compact(cfg), "",
@@ -92,7 +102,7 @@ def plan(cfg: Config, num_images: int | None, images_note: str, blobs: list[byte
         f"per worker:     {resources} ({row.name}, {t.precision})",
         f"model:          {m.name} at {m.input_size}px: {params / 1e6:,.1f} M parameters "
         f"({trainable / 1e6:,.1f} M trained), {flops / 1e9:,.1f} GFLOPs per image per training step",
-        f"checkpoint:     about {checkpoint / 2**30:,.2f} GiB (fp32 weights + AdamW moments)",
+        f"checkpoint:     about {checkpoint / 2**30:,.2f} GiB (fp32 weights + {moments})",
         f"input:          {accelerator_rate:,.0f} images/s per accelerator (--accelerator-rate) x "
         f"{s.num_workers} = {feed:,.0f} images/s, {feed * flops / 1e12:,.1f} TFLOP/s of model compute",
         f"decoding:       {per_cpu:,.0f} images/s per CPU measured here on {blobs_note}: "

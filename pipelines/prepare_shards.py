@@ -2,6 +2,8 @@
 
     python pipelines/prepare_shards.py --src /datasets/imagenet --dst s3://bucket/imagenet-wds \\
         --format webdataset [--max-side 384] [--shard-size 512MB] [--s3-endpoint URL]
+    python pipelines/prepare_shards.py --src /datasets/imagenet --dst s3://bucket/imagenet-wds-val \\
+        --format webdataset --split val     (validation shards: fine-tuning's data.val_path)
 
 Labels are the indices of the sorted class folders (as torchvision's ImageFolder gives
 them); `<dst>/classes.json` lists the class names and `<dst>/manifest.json` the shards with
@@ -148,18 +150,19 @@ def write_tar(samples: list) -> bytes:
 
 
 def convert(src: str, dst: str, fmt: str, max_side: int | None = None, shard_size: int = 512 * 2**20,
-            quality: int = 90, s3_endpoint: str | None = None) -> dict:
-    """Write the shards, classes.json and manifest.json; returns the manifest."""
+            quality: int = 90, s3_endpoint: str | None = None, split: str = "train") -> dict:
+    """Write the shards of `<src>/<split>/`, classes.json and manifest.json; returns the manifest."""
     import ray
 
     if fmt not in SHARD_EXTENSIONS:
         raise DataError(f"--format: {fmt!r} is not one of {sorted(SHARD_EXTENSIONS)}")
     source = open_storage(src, s3_endpoint)
-    folder = list_imagefolder(source.fs, source.root)
+    folder = list_imagefolder(source.fs, source.root, split)
     paths, labels, classes = folder.paths, folder.labels, folder.classes
     sizes = [i.size for i in source.fs.get_file_info(paths)]
     params = {"src": src, "format": fmt, "max_side": max_side, "quality": quality if max_side else None,
-              "shard_size": shard_size, "num_source_images": len(paths)}
+              "shard_size": shard_size, "num_source_images": len(paths),
+              **({"split": split} if split != "train" else {})}  # (shards made before --split record none)
     out = open_storage(dst, s3_endpoint)
     before = json.loads(out.read(PARAMS) or "null")
     if before is not None and before != params:
@@ -192,12 +195,13 @@ def main(argv=None) -> int:
     ap.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images")
     ap.add_argument("--shard-size", type=parse_size, default="512MB", help="target shard size, e.g. 512MB")
     ap.add_argument("--s3-endpoint", help="endpoint of the S3-compatible store (src and dst)")
+    ap.add_argument("--split", default="train", help="the folder of --src to convert: train (default) or val")
     args = ap.parse_args(argv)
     import ray
     ray.init(ignore_reinit_error=True)
     try:
         manifest = convert(args.src, args.dst, args.format, args.max_side, args.shard_size, args.quality,
-                           args.s3_endpoint)
+                           args.s3_endpoint, args.split)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -22,7 +22,8 @@ from ray.train import CheckpointUploadMode
 from cluster.accelerators import Accelerator
 from cluster.storage import Storage, open_storage
 from mae import MaskedAutoencoderViT, create_model
-from mae.checkpoint import CHECKPOINT_DIR, CHECKPOINT_FILE, load_checkpoint, load_mae_state, model_state, save_checkpoint
+from mae.checkpoint import (CHECKPOINT_DIR, CHECKPOINT_FILE, load_checkpoint, load_mae_state, model_state,
+                            save_checkpoint)
 from mae.export import HF_CONFIG, HF_WEIGHTS, read_hf
 from mae.recipe import build_optimizer
 from pipelines.config import Config, RunConfig
@@ -45,7 +46,8 @@ class State:
     best: dict | None = None  # classification: the epoch of the best validation top-1 so far, and its metrics
 
 
-def build_state(cfg: Config, row: Accelerator, device: torch.device, lr: float, num_classes: int | None = None) -> State:
+def build_state(cfg: Config, row: Accelerator, device: torch.device, lr: float,
+                num_classes: int | None = None) -> State:
     """Fresh weights (seeded by `train.seed`), the task's optimizer at `lr` and the gradient
     scaler (on for fp16). Pretraining: the MAE and AdamW (0.9, 0.95); fine-tuning and linear
     probing: the classifier of `num_classes` and its optimizer (pipelines/classify.py)."""

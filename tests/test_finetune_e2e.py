@@ -45,7 +45,8 @@ def finetuned(ray_cluster, digits, pretrained, tmp_path_factory):
 
 def test_finetune_starts_from_the_pretrained_encoder_and_evaluates_each_epoch(finetuned, pretrained):
     out = finetuned["first"].stdout + finetuned["first"].stderr
-    assert "fine-tuning mae_vit_tiny_patch4 from epoch 0, micro-batch 0 (step 0; the encoder of model.checkpoint=" in out
+    assert "fine-tuning mae_vit_tiny_patch4 from epoch 0, micro-batch 0 (step 0; the encoder of model.checkpoint=" \
+        in out
     assert "newly initialised: fc_norm.bias, fc_norm.weight, head.bias, head.weight" in out
     assert "359 validation images" in out and "epoch 1 validation: top-1" in out
     metrics = read_jsonl(finetuned["dir"] / "metrics.jsonl")
@@ -121,3 +122,22 @@ def test_linear_probe_from_an_official_encoder_pth_on_s3_trains_the_head_only(ra
         assert torch.equal(state[key], value), key
     assert float(state["head.0.running_var"].sub(1).abs().max()) > 0  # the head's BatchNorm saw the features
     assert type(ckpt["optimizer"]["state"][0]["mu"]) is torch.Tensor  # LARS's momentum
+
+
+def test_validation_shards_of_either_format_pair_with_the_training_shards(ray_client, digits, tmp_path):
+    from pipelines.config import ConfigError, load_config
+    from pipelines.prepare_shards import convert
+    from pipelines.pretrain import prepare_classes
+    from pipelines.reading import open_source
+    for fmt in ("webdataset", "parquet"):
+        for split in ("train", "val"):
+            convert(str(digits), str(tmp_path / fmt / split), fmt, split=split)
+        cfg = load_config("configs/finetune_demo.yaml", [f"data.format={fmt}", f"data.path={tmp_path / fmt / 'train'}",
+                                                         "model.checkpoint=null"])
+        train = open_source(fmt, cfg.data.path)
+        with pytest.raises(ConfigError, match=f"data.val_path: {fmt} shards need it"):
+            prepare_classes(cfg, train)
+        cfg.data.val_path = str(tmp_path / fmt / "val")
+        classes = prepare_classes(cfg, train)
+        assert (len(train), len(classes.val), classes.num_classes) == (1438, 359, 10)
+        assert classes.val.classes == train.classes

@@ -196,3 +196,66 @@ def test_evaluate_counts_top1_top5_and_leaves_out_stand_ins():
     acc = evaluate(Fixed(), [batch, stand_in], torch.device("cpu"), None, world=1)
     assert (acc.images, acc.top1) == (4, 3)
     assert acc.metrics()["val_top1"] == 75.0 and acc.top5 >= acc.top1
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["augment.mixup=0.8"], "augment.mixup: train.task=pretrain does not use it (only fine-tuning does)"),
+    (["model.checkpoint=runs/demo"], "model.checkpoint: train.task=pretrain does not use it"),
+    (["optim.layer_decay=0.65"], "optim.layer_decay: train.task=pretrain does not use it"),
+    (["train.task=linprobe", "augment.rand_augment=rand-m9-mstd0.5-inc1"],
+     "augment.rand_augment: train.task=linprobe does not use it (only fine-tuning does)"),
+    (["train.task=finetune", "augment.cutmix=1.0", "train.batch_size=33"], "train.batch_size: 33 is odd"),
+    (["train.task=finetune", "augment.rand_augment=bogus"], "augment.rand_augment: 'bogus' is not a timm RandAugment"),
+    (["train.task=finetune", "optim.layer_decay=1.5"], "optim.layer_decay: 1.5 is not allowed"),
+    (["augment.min_scale=0"], "augment.min_scale: 0.0 is not allowed"),
+])
+def test_config_refuses_keys_of_another_task_and_bad_recipe_values(overrides, message):
+    from pipelines.config import ConfigError
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config("configs/debug.yaml", ["data.path=/x", *overrides])
+
+
+def test_entry_points_refuse_another_tasks_config_and_a_missing_checkpoint_before_ray_starts(digits, tmp_path, capsys):
+    from pipelines.pretrain import main
+    assert main(["--config", "configs/debug.yaml", f"data.path={digits}"], task="finetune") == 2
+    assert "train.task: configs/debug.yaml is a pretrain config; run it with pipelines/pretrain.py" in \
+        capsys.readouterr().err
+    common = ["--config", "configs/finetune_demo.yaml", f"data.path={digits}", f"run.storage_path={tmp_path}"]
+    assert main([*common, f"model.checkpoint={tmp_path / 'nowhere'}"], task="finetune") == 2
+    assert f"error: model.checkpoint: no such checkpoint file or run directory '{tmp_path / 'nowhere'}'" in \
+        capsys.readouterr().err
+    (tmp_path / "empty_run").mkdir()
+    assert main([*common, f"model.checkpoint={tmp_path / 'empty_run'}"], task="finetune") == 2
+    assert "holds no checkpoint_epoch_*_step_*/checkpoint.pth" in capsys.readouterr().err
+    assert main([*common, "data.format=parquet", "model.checkpoint=null"], task="finetune") == 2
+    assert "data.path" in capsys.readouterr().err  # no parquet shards in an imagefolder
+    import ray
+    assert not ray.is_initialized()
+    assert not (tmp_path / "demo_finetune").exists()  # nothing written
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_finetune_micro_step_under_autocast_trains_every_weight_and_probe_only_its_head(precision):
+    from pipelines.train_loop import AMP_DTYPES, StepConfig, micro_step, optimizer_step
+    from pipelines.classify import build_classifier, build_classifier_optimizer
+    for task in ("finetune", "linprobe"):
+        cfg = _cfg("model.name=mae_vit_tiny_patch4", "model.input_size=16", f"train.task={task}",
+                   *([] if task == "finetune" else ["augment.rand_augment=null", "augment.reprob=0", "augment.mixup=0",
+                                                    "augment.cutmix=0", "augment.smoothing=0", "optim.layer_decay=1",
+                                                    "model.drop_path=0"]))
+        torch.manual_seed(0)
+        model = build_classifier(cfg, 10)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        optimizer = build_classifier_optimizer(model, cfg, 1e-3, fused=None)
+        step = StepConfig(torch.device("cpu"), 0.75, 1, AMP_DTYPES[precision], Objective(cfg, 10, torch.device("cpu")))
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        images = torch.randint(0, 256, (8, 16, 16, 3), dtype=torch.uint8)
+        loss = micro_step(model, images, step, scaler, labels=torch.arange(8))
+        optimizer_step(optimizer, scaler)
+        assert torch.isfinite(loss)
+        moved = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+        if task == "finetune":
+            assert "blocks.0.attn.qkv.weight" in moved and "head.weight" in moved
+            assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["betas"] == (0.9, 0.999)
+        else:
+            assert moved == {"head.1.weight", "head.1.bias"} and isinstance(optimizer, LARS)
