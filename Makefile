@@ -22,7 +22,7 @@ demo: install
 	$(BIN)/python pipelines/results.py runs/demo_finetune runs/demo_finetune_random_init runs/demo_linprobe
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 clean:
 	rm -rf $(VENV) .demo_data
