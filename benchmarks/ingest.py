@@ -41,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mae.transforms import (IMAGENET_MEAN, IMAGENET_STD, PRETRAIN, REGION_DECODE, Augment,  # noqa: E402
-                            normalize_on_device, posterize)
+                            normalize_on_device, with_zero_bit_posterize)
 from pipelines.config import DataConfig  # noqa: E402
 from pipelines.reading import open_source  # noqa: E402
 from pipelines.skips import skip_counter  # noqa: E402
@@ -99,14 +99,14 @@ def official_transform(recipe: str, size: int):
             transforms.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
             transforms.RandomHorizontalFlip(), transforms.ToTensor(),
             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    from timm.data import auto_augment, create_transform
+    from timm.data import create_transform
+    from timm.data.auto_augment import RandAugment
     tf = create_transform(size, is_training=True, color_jitter=None, auto_augment=RAND_AUGMENT,
                           interpolation="bicubic", re_prob=0.25, re_mode="pixel", re_count=1, mean=IMAGENET_MEAN,
                           std=IMAGENET_STD)
     for t in tf.transforms:
-        for op in getattr(t, "ops", ()):
-            if op.aug_fn is auto_augment.posterize:
-                op.aug_fn = posterize
+        if isinstance(t, RandAugment):
+            with_zero_bit_posterize(t)
     return tf
 
 

@@ -241,11 +241,16 @@ def rand_augment_op(policy: str, size: int):
     from timm.data import auto_augment
     hparams = {"translate_const": int(size * 0.45), "img_mean": tuple(min(255, round(255 * x)) for x in IMAGENET_MEAN),
                "interpolation": Image.BICUBIC}
-    op = auto_augment.rand_augment_transform(policy, hparams)
-    for each in op.ops:
+    return with_zero_bit_posterize(auto_augment.rand_augment_transform(policy, hparams))
+
+
+def with_zero_bit_posterize(rand_augment):
+    """`rand_augment` (a timm RandAugment) with our `posterize` in place of timm's."""
+    from timm.data import auto_augment
+    for each in rand_augment.ops:
         if each.aug_fn is auto_augment.posterize:
             each.aug_fn = posterize
-    return op
+    return rand_augment
 
 
 def apply_rand_augment(crop: torch.Tensor, policy: str) -> torch.Tensor:

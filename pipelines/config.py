@@ -126,6 +126,12 @@ class AugmentConfig:
     smoothing: float = 0.0
     """Fine-tuning: label smoothing (into the Mixup targets when Mixup or CutMix is on)."""
 
+    @property
+    def view(self):
+        """The decoders' part of it, as `mae.transforms.Augment`."""
+        from mae.transforms import Augment
+        return Augment((self.min_scale, 1.0), self.rand_augment)
+
 
 @dataclass
 class OptimConfig:

@@ -87,7 +87,7 @@ def plan(cfg: Config, num_images: int | None, images_note: str, blobs: list[byte
     moments = "LARS momentum" if t.task == "linprobe" else "AdamW moments"
     checkpoint = 4 * (params + (1 if t.task == "linprobe" else 2) * trainable)  # fp32 weights + the optimizer's
     feed = accelerator_rate * s.num_workers
-    per_cpu = decode_rate(blobs, m.input_size, augment=Augment((cfg.augment.min_scale, 1.0), cfg.augment.rand_augment))
+    per_cpu = decode_rate(blobs, m.input_size, augment=cfg.augment.view)
     row = cfg.accelerator
     resources = row.worker_resources(s.cpus_per_worker)
     lines = ["resolved config:", *compact(cfg), "",

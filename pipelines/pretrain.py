@@ -30,7 +30,6 @@ from cluster.preflight import PreflightError, check_cluster  # noqa: E402
 from cluster.ray_compat import hide_raylet_notices  # noqa: E402
 from cluster.torch_backend import AcceleratorTorchConfig  # noqa: E402
 from mae.checkpoint import CHECKPOINT_FILE  # noqa: E402
-from mae.transforms import Augment  # noqa: E402
 from pipelines.config import Config, ConfigError, DataConfig, load_config, to_yaml  # noqa: E402
 from pipelines.demo_data import write_digits  # noqa: E402
 from pipelines.reading import DataError, Source, open_source  # noqa: E402
@@ -243,9 +242,9 @@ def run(cfg: Config, source: Source, lease: Lease, classes: Classes | None = Non
     except (ConfigError, PreflightError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    a, reserved = cfg.augment, s.num_workers * s.cpus_per_worker
+    reserved = s.num_workers * s.cpus_per_worker
     stream = training_stream(source, cfg.data, cfg.model.input_size, cfg.train.seed, reserved_cpus=reserved,
-                             console=not cfg.run.verbose, augment=Augment((a.min_scale, 1.0), a.rand_augment))
+                             console=not cfg.run.verbose, augment=cfg.augment.view)
     val = None if classes is None else image_stream(classes.val, cfg.data, cfg.model.input_size, cfg.train.seed,
                                                     reserved_cpus=reserved, augment=None, console=not cfg.run.verbose)
     run_dir = cfg.run_storage()
