@@ -5,7 +5,7 @@
 One Ray Train worker holds the state of a `--model` run: its weights and AdamW's two moments
 (about 4 GB for ViT-L). For each storage, a local folder and an S3-compatible server (moto,
 started by this script on 127.0.0.1 in its own process), it takes `--checkpoints`
-checkpoints each way with `pipelines.train_state.CheckpointWriter`. On S3 the state is
+checkpoints each way with `pipelines.worker.state.CheckpointWriter`. On S3 the state is
 `--s3-model`'s (default ViT-B, 1.3 GB): moto assembles a multipart upload in memory, several
 copies of it at once (17 GB resident for one 4 GB object, measured), more than a 24 GB
 machine holds beside the worker's two copies of a ViT-L state.
@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cluster.storage import open_storage  # noqa: E402
 from mae import create_model  # noqa: E402
 from mae.recipe import build_optimizer  # noqa: E402
-from pipelines.train_state import CheckpointWriter, State  # noqa: E402
+from pipelines.worker.state import CheckpointWriter, State  # noqa: E402
 
 
 def train_fn(config: dict) -> None:

@@ -13,7 +13,7 @@ On the same machine, the same number of CPUs and in one process, it measures:
       rand-m9-mstd0.5-inc1, ToTensor, Normalize, random erasing 0.25), its posterize taking
       0 bits as ours does (`mae.transforms.posterize`: on Pillow 13 timm's raises and ends
       the DataLoader);
-  (b) ours: the training stream of pipelines/stream.py over `--data` in `--format`,
+  (b) ours: the training stream of pipelines/data/stream.py over `--data` in `--format`,
       consumed as a train worker consumes it: epoch after epoch from `EpochStreams` (the
       next epoch decoding while this one ends), `iter_torch_batches`, then normalisation
       (finetune: the decoders crop, flip and RandAugment; the consumer erases the batch
@@ -42,11 +42,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mae.transforms import (IMAGENET_MEAN, IMAGENET_STD, PRETRAIN, REGION_DECODE, Augment,  # noqa: E402
                             normalize_on_device, with_zero_bit_posterize)
-from pipelines.config import DataConfig  # noqa: E402
-from pipelines.reading import open_source  # noqa: E402
-from pipelines.skips import skip_counter  # noqa: E402
-from pipelines.lanes import DTYPES, EpochStreams  # noqa: E402
-from pipelines.stream import training_stream  # noqa: E402
+from pipelines.common.config import DataConfig  # noqa: E402
+from pipelines.data.reading import open_source  # noqa: E402
+from pipelines.data.skips import skip_counter  # noqa: E402
+from pipelines.data.lanes import DTYPES, EpochStreams  # noqa: E402
+from pipelines.data.stream import training_stream  # noqa: E402
 
 
 def timed(batches, seconds: float) -> float:

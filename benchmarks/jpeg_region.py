@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mae.transforms import REGION_DECODE, decode_rgb, jpeg_crop_flip, random_crop_flip  # noqa: E402
-from pipelines.reading import list_images, read_file  # noqa: E402
+from pipelines.data.reading import list_images, read_file  # noqa: E402
 
 
 def per_image_ms(crop, blobs: list[bytes], repeats: int) -> float:

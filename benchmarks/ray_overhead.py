@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mae import create_model  # noqa: E402
 from mae.recipe import build_optimizer, lr_at, scaled_lr, set_lr  # noqa: E402
-from pipelines.config import load_config  # noqa: E402
-from pipelines.run_files import read_jsonl  # noqa: E402
-from pipelines.train_loop import StepConfig, micro_step, optimizer_step  # noqa: E402
+from pipelines.common.config import load_config  # noqa: E402
+from pipelines.output.run_files import read_jsonl  # noqa: E402
+from pipelines.worker.loop import StepConfig, micro_step, optimizer_step  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "debug.yaml"
 
@@ -60,8 +60,8 @@ def plain_loop(cfg, images: np.ndarray, steps_per_epoch: int, epochs: int) -> li
 def ray_loop(cfg, images: np.ndarray) -> list[float]:
     """Epoch wall times of the same steps through pipelines/pretrain.py's trainer."""
     import ray
-    from pipelines.pretrain import build_trainer
-    from pipelines.lanes import Lanes
+    from pipelines.driver.launch import build_trainer
+    from pipelines.data.lanes import Lanes
 
     ray.init(num_cpus=max(2, int(cfg.scaling.cpus_per_worker) + 1), include_dashboard=False,
              object_store_memory=512 * 2**20, log_to_driver=False)

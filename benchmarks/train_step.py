@@ -6,7 +6,7 @@ Same model, same initial weights, same images, in one process:
   (a) reference-style step, as the official `engine_pretrain.py`: images normalised to float
       on the host and copied, fp16 autocast with a gradient scaler (fp32 on CPU, where fp16
       autocast is not what the reference ran), eager model, default AdamW;
-  (b) ours (`pipelines.train_loop.micro_step` + `optimizer_step`): uint8 copied (pinned,
+  (b) ours (`pipelines.worker.loop.micro_step` + `optimizer_step`): uint8 copied (pinned,
       non-blocking) and normalised on the device, bf16 autocast where supported (fp16 + scaler
       otherwise; fp32 on CPU unless --precision), torch.compile, fused AdamW on CUDA.
 Timed over --steps steps after --warmup steps (compilation included in the warm-up).
@@ -29,7 +29,7 @@ from mae.flops import train_flops_per_image  # noqa: E402
 from mae.model import preset  # noqa: E402
 from mae.recipe import build_optimizer  # noqa: E402
 from mae.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from pipelines.train_loop import AMP_DTYPES, StepConfig, micro_step, optimizer_step  # noqa: E402
+from pipelines.worker.loop import AMP_DTYPES, StepConfig, micro_step, optimizer_step  # noqa: E402
 
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s), matched against torch.cuda.get_device_name().
 PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "A10G": 70.0, "A10": 125.0,

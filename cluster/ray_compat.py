@@ -28,7 +28,7 @@ def check_ray_version(version: str) -> None:
 check_ray_version(ray.__version__)
 
 # Ray Data, tested on 2.60.0. The stream replaces Ray Data's backpressure policies with its
-# own (pipelines/stream.py: DecodeAhead). Public stand-in: none; `ExecutionOptions.resource_limits`
+# own (pipelines/data/stream.py: DecodeAhead). Public stand-in: none; `ExecutionOptions.resource_limits`
 # and `concurrency` bound tasks but cannot keep one decode task queued per decoder.
 from ray.data._internal.execution.backpressure_policy import (  # noqa: E402
     ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY, BackpressurePolicy)
@@ -37,7 +37,7 @@ from ray.data._internal.execution.operators.map_operator import MapOperator  # n
 # Ray Data, tested on 2.60.0. The executor's control loop waits (in `ray.wait`) only while
 # some task runs; with none running (DecodeAhead holding the decoders back, or every read
 # task done while the consumer is behind) it spins, a CPU core per waiting dataset. The
-# stream rests it (pipelines/stream.py: IdleWait). Public stand-in: the DataContext field
+# stream rests it (pipelines/data/stream.py: IdleWait). Public stand-in: the DataContext field
 # `custom_execution_callback_classes` is public, its base class is not.
 from ray.data._internal.execution.execution_callback import ExecutionCallback  # noqa: E402
 

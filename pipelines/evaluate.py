@@ -26,7 +26,7 @@ import torch
 from mae.checkpoint import latest_checkpoint, load_checkpoint, model_from_checkpoint
 from mae.model import MaskedAutoencoderViT, create_model
 from mae.transforms import eval_crops, normalize_on_device
-from pipelines.reading import ImageFolder, class_of, list_imagefolder
+from pipelines.data.reading import ImageFolder, class_of, list_imagefolder
 
 
 def local_imagefolder(root: str, split: str) -> ImageFolder:

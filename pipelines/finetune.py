@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
-from pipelines.pretrain import main  # noqa: E402
+from pipelines.driver.launch import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(task="finetune", doc=__doc__))

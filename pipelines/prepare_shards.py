@@ -33,7 +33,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.fs as pafs  # noqa: E402
 
 from cluster.storage import open_storage  # noqa: E402
-from pipelines.reading import (CLASSES, MANIFEST, SHARD_EXTENSIONS, DataError, count_shard,  # noqa: E402
+from pipelines.data.reading import (CLASSES, MANIFEST, SHARD_EXTENSIONS, DataError, count_shard,  # noqa: E402
                                list_imagefolder, read_file)
 
 PARAMS = "conversion.json"  # the arguments the shards in a folder were made with, written first

@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
 from cluster.storage import open_storage  # noqa: E402
-from pipelines.run_files import read_jsonl  # noqa: E402
+from pipelines.output.run_files import read_jsonl  # noqa: E402
 
 
 def best_of(run_dir: str) -> dict | None:

@@ -22,7 +22,7 @@ import torch
 from mae.checkpoint import latest_checkpoint, load_checkpoint, model_from_checkpoint
 from mae.transforms import eval_crops, normalize_on_device
 from mae.visualize import grid_png, reconstruct
-from pipelines.reading import IMAGE_EXTENSIONS, evenly_spaced, list_images, read_file
+from pipelines.data.reading import IMAGE_EXTENSIONS, evenly_spaced, list_images, read_file
 
 
 def image_files(sources: list[str], limit: int) -> list[str]:

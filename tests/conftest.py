@@ -67,7 +67,7 @@ def ray_client(ray_cluster):
 @pytest.fixture(scope="session")
 def digits(tmp_path_factory):
     """The real demo dataset (scikit-learn digits as JPEG files), written once."""
-    from pipelines.demo_data import write_digits
+    from pipelines.data.demo_data import write_digits
     return write_digits(tmp_path_factory.mktemp("data") / "digits")
 
 

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import ConfigError, load_config
+from pipelines.common.config import ConfigError, load_config
 from pipelines.pretrain import main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -1,8 +1,8 @@
 import numpy as np
 import pyarrow.fs as pafs
 
-from pipelines.reading import class_of, list_imagefolder
-from pipelines.stream import decode_batch
+from pipelines.data.reading import class_of, list_imagefolder
+from pipelines.data.stream import decode_batch
 
 
 def test_listing_labels_follow_sorted_class_folders(digits):
@@ -25,7 +25,7 @@ def test_decode_step_draws_fresh_crops_each_call(digits):
 def test_a_decoder_without_the_region_module_says_so_once(monkeypatch, caplog):
     import logging
 
-    from pipelines import stream
+    from pipelines.data import stream
     monkeypatch.setattr(stream, "REGION_DECODE", False)  # as on a node where setup.py found no libjpeg headers
     monkeypatch.setattr(stream, "_warned_whole_image", False)
     with caplog.at_level(logging.WARNING):

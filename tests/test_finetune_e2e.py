@@ -125,10 +125,10 @@ def test_linear_probe_from_an_official_encoder_pth_on_s3_trains_the_head_only(ra
 
 
 def test_validation_shards_of_either_format_pair_with_the_training_shards(ray_client, digits, tmp_path):
-    from pipelines.config import ConfigError, load_config
+    from pipelines.common.config import ConfigError, load_config
     from pipelines.prepare_shards import convert
-    from pipelines.pretrain import prepare_classes
-    from pipelines.reading import open_source
+    from pipelines.driver.launch import prepare_classes
+    from pipelines.data.reading import open_source
     for fmt in ("webdataset", "parquet"):
         for split in ("train", "val"):
             convert(str(digits), str(tmp_path / fmt / split), fmt, split=split)

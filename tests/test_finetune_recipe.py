@@ -14,8 +14,8 @@ from mae import create_model
 from mae.classifier import create_classifier, load_pretrained, timm_state
 from mae.recipe import LARS, param_groups_lrd
 from mae.transforms import Augment, decode_crop_batch
-from pipelines.classify import Objective, evaluate
-from pipelines.config import load_config
+from pipelines.worker.tasks import Objective, evaluate
+from pipelines.common.config import load_config
 
 GOLDEN = Path(__file__).parent / "golden"
 PRESETS = {"vit_base_patch16": "mae_vit_base_patch16", "vit_large_patch16": "mae_vit_large_patch16",
@@ -210,7 +210,7 @@ def test_evaluate_counts_top1_top5_and_leaves_out_stand_ins():
     (["augment.min_scale=0"], "augment.min_scale: 0.0 is not allowed"),
 ])
 def test_config_refuses_keys_of_another_task_and_bad_recipe_values(overrides, message):
-    from pipelines.config import ConfigError
+    from pipelines.common.config import ConfigError
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_config("configs/debug.yaml", ["data.path=/x", *overrides])
 
@@ -234,8 +234,8 @@ def test_entry_points_refuse_another_tasks_config_and_a_missing_checkpoint_befor
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_finetune_micro_step_under_autocast_trains_every_weight_and_probe_only_its_head(precision):
-    from pipelines.train_loop import AMP_DTYPES, StepConfig, micro_step, optimizer_step
-    from pipelines.classify import build_classifier, build_classifier_optimizer
+    from pipelines.worker.loop import AMP_DTYPES, StepConfig, micro_step, optimizer_step
+    from pipelines.worker.tasks import build_classifier, build_classifier_optimizer
     for task in ("finetune", "linprobe"):
         cfg = _cfg("model.name=mae_vit_tiny_patch4", "model.input_size=16", f"train.task={task}",
                    *([] if task == "finetune" else ["augment.rand_augment=null", "augment.reprob=0", "augment.mixup=0",

@@ -9,9 +9,9 @@ import torch
 from mae import create_model
 from mae.export import save_hf, state_from_hf, state_to_hf
 from mae.model import preset
-from pipelines.config import RunConfig
+from pipelines.common.config import RunConfig
 from pipelines.export import main
-from pipelines.train_state import read_resume_from
+from pipelines.worker.state import read_resume_from
 
 transformers = pytest.importorskip("transformers")  # the `hf` extra; installed with `test`
 TINY = "mae_vit_tiny_patch4"

@@ -20,9 +20,9 @@ import pytest
 from PIL import Image
 
 from cluster.storage import open_storage
-from pipelines.config import ConfigError, load_config
-from pipelines.reading import Retry, imagefolder_samples, parquet_samples, tar_samples, transient
-from pipelines.stream import decode_batch
+from pipelines.common.config import ConfigError, load_config
+from pipelines.data.reading import Retry, imagefolder_samples, parquet_samples, tar_samples, transient
+from pipelines.data.stream import decode_batch
 
 FAST = Retry(attempts=3, backoff=0.2)
 
@@ -149,7 +149,7 @@ def test_parquet_damaged_row_group_and_footer(tmp_path, caplog):
 
 
 def test_parquet_shards_of_another_schema_are_named_before_the_run(tmp_path):
-    from pipelines.reading import DataError, open_source
+    from pipelines.data.reading import DataError, open_source
     pq.write_table(pa.table({"image": [b"x"] * 4, "label": [0] * 4}), tmp_path / "a.parquet")
     with pytest.raises(DataError, match=r"a.parquet has no `image` column of struct<bytes: binary> "
                                         r"\(its columns: image: binary, label: int64\)"):

@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 from mae.transforms import PRETRAIN, decode_rgb, eval_resize_crop
-from pipelines.config import DataConfig
+from pipelines.common.config import DataConfig
 from pipelines.prepare_shards import convert, parse_size
-from pipelines.reading import DataError, expand_braces, list_imagefolder, list_shards, open_source
-from pipelines.stream import image_stream
+from pipelines.data.reading import DataError, expand_braces, list_imagefolder, list_shards, open_source
+from pipelines.data.stream import image_stream
 
 SIZE = 32
 
@@ -24,7 +24,7 @@ SIZE = 32
 def photos(tmp_path_factory):
     """24 real photographs (500x375 JPEG q90) in 3 classes, plus the oddities of ImageNet that
     must decode (CMYK, grayscale, a PNG named .JPEG)."""
-    from pipelines.demo_data import write_photos
+    from pipelines.data.demo_data import write_photos
     root = write_photos(tmp_path_factory.mktemp("photos") / "p", 24, num_classes=3)
     base = Image.open(next((root / "train" / "n00000000").iterdir())).convert("RGB")
     base.convert("CMYK").save(root / "train" / "n00000001" / "cmyk.JPEG", format="JPEG", quality=90)
@@ -255,8 +255,8 @@ def test_one_shard_is_split_for_every_decoder_and_each_image_read_once(ray_clien
     import numpy as np
     import pyarrow.parquet as pq
 
-    from pipelines.skips import skip_counter
-    from pipelines.stream import ImageDatasource
+    from pipelines.data.skips import skip_counter
+    from pipelines.data.stream import ImageDatasource
     convert(str(photos), str(tmp_path / "one"), fmt, shard_size=2**30)  # one shard holds them all
     (shard,) = (tmp_path / "one").glob(f"*.{'parquet' if fmt == 'parquet' else 'tar'}")
     if fmt == "parquet":  # row groups of 4 images
@@ -272,9 +272,9 @@ def test_one_shard_is_split_for_every_decoder_and_each_image_read_once(ray_clien
 
 def epoch_streams(source, augment, batch: int = 4):
     """`EpochStreams` over `source`'s training lanes, read as the train loop reads them."""
-    from pipelines.skips import skip_counter
-    from pipelines.lanes import DTYPES, EpochStreams
-    from pipelines.stream import training_stream
+    from pipelines.data.skips import skip_counter
+    from pipelines.data.lanes import DTYPES, EpochStreams
+    from pipelines.data.stream import training_stream
     data = DataConfig(decode_batch_size=batch, read_files_per_task=5)
     lanes = training_stream(source, data, SIZE, seed=0, augment=augment)
     return lanes.key, EpochStreams(lanes.datasets, lanes.key, skip_counter(), plans=True, batch_size=batch,
@@ -289,7 +289,7 @@ def test_the_next_epoch_decodes_while_this_one_is_read_each_with_its_own_order_a
     an order of its own, and its own exact skip count; crops are new every epoch."""
     import time
 
-    from pipelines.skips import epoch_counts, skip_counter
+    from pipelines.data.skips import epoch_counts, skip_counter
     counter = skip_counter()
     want = expected(photos)
     key, streams = epoch_streams(open_source("imagefolder", str(photos)), augment=None)

@@ -73,6 +73,6 @@ def test_a_run_and_its_resubmission_log_into_one_mlflow_run(ray_cluster, digits,
 
 
 def test_credentials_in_the_tracking_uri_are_refused(tmp_path):
-    from pipelines.config import ConfigError, load_config
+    from pipelines.common.config import ConfigError, load_config
     with pytest.raises(ConfigError, match="run.mlflow_tracking_uri: '<redacted>' is not allowed; no credentials"):
         load_config("configs/debug.yaml", [f"data.path={tmp_path}", "run.mlflow_tracking_uri=http://u:pw@h:5000"])

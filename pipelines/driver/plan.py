@@ -20,7 +20,7 @@ from mae import create_model
 from mae.classifier import create_classifier
 from mae.flops import classifier_train_flops_per_image, train_flops_per_image
 from mae.transforms import PRETRAIN, Augment, decode_crop_batch
-from pipelines.config import Config
+from pipelines.common.config import Config
 
 IMAGENET_1K_TRAIN = 1_281_167
 

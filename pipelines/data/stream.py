@@ -1,18 +1,18 @@
-"""The training stream: a source's images (pipelines/reading.py) read, decoded and cropped by
+"""The training stream: a source's images (pipelines/data/reading.py) read, decoded and cropped by
 Ray Data on the CPUs the training workers leave, as rows of uint8 HWC crops.
 
 The encoded bytes never cross the object store: each read task reads its unit (image files,
 a shard, or a run of a Parquet shard's row groups) and decodes + RandomResizedCrop + flips
 `decode_batch_size` images at a time into one block, in one Ray Data operator. Every
 execution of the dataset (every epoch) reads the units in a new order and draws new crops.
-Training reads its epochs from two such datasets in turn (pipelines/lanes.py), so that the
+Training reads its epochs from two such datasets in turn (pipelines/data/lanes.py), so that the
 next epoch is decoding while this one ends: the decoders never wait on an epoch boundary.
 
 An image that cannot be used (undecodable, over the pixel or byte limits, unreadable, lost
 with a damaged shard) is logged and replaced, in its place in the batch, by a fresh crop of
 another image of the batch, flagged in the row's `skipped` column, so batch sizes and the
 epoch's length stay whole. Each read task adds its count to the job's skip counter
-(pipelines/skips.py), which training reads as `skipped_images` in metrics.jsonl. Anything
+(pipelines/data/skips.py), which training reads as `skipped_images` in metrics.jsonl. Anything
 else that fails in a read task is a DataError naming its unit: it ends the run once.
 """
 import copy
@@ -28,12 +28,12 @@ import ray.data
 
 from cluster import ray_compat
 from mae.transforms import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, PRETRAIN, REGION_DECODE, Augment, decode_crop_batch
-from pipelines.config import DataConfig
-from pipelines.console import forward_to_driver
-from pipelines.lanes import Lanes
-from pipelines.reading import (DataError, Retry, Source, imagefolder_samples, parquet_parts, parquet_row_groups,
+from pipelines.common.config import DataConfig
+from pipelines.output.console import forward_to_driver
+from pipelines.data.lanes import Lanes
+from pipelines.data.reading import (DataError, Retry, Source, imagefolder_samples, parquet_parts, parquet_row_groups,
                                parquet_samples, part_rows, tar_offsets, tar_samples)
-from pipelines.skips import skip_counter
+from pipelines.data.skips import skip_counter
 
 logger = logging.getLogger(__name__)
 UNITS_PER_DECODER = 4  # read units per decode task allowed to run, at the least: a short tail
@@ -45,7 +45,7 @@ def image_stream(source: Source, data: DataConfig, input_size: int, seed: int, r
     data.* settings; call after ray.init. `reserved_cpus`: the CPUs the training workers
     hold, which decoding leaves alone. `augment`: the random training view
     (mae/transforms.py), None for the evaluation view (resize + centre crop). `console`: the decode tasks' warnings
-    go to the driver's console (pipelines/console.py), not only to their logs. Each
+    go to the driver's console (pipelines/output/console.py), not only to their logs. Each
     execution reads the units in a new order; for training, `training_stream` gives epochs
     without a gap between them.
 
@@ -59,7 +59,7 @@ def image_stream(source: Source, data: DataConfig, input_size: int, seed: int, r
 
 def training_stream(source: Source, data: DataConfig, input_size: int, seed: int, reserved_cpus: float = 0.0,
                     console: bool = False, augment: Augment | None = PRETRAIN) -> Lanes:
-    """The training stream of `source` as two lanes (pipelines/lanes.py): two datasets over one
+    """The training stream of `source` as two lanes (pipelines/data/lanes.py): two datasets over one
     datasource. Each lane may hold `image_stream`'s default of crops decoded ahead (at most a
     third of the object store); `data.object_store_memory` bounds both together."""
     return _lanes(source, data, input_size, seed, reserved_cpus, augment, console, 2)

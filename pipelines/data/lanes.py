@@ -1,6 +1,6 @@
 """Epochs read from two lanes in turn, so that no decoder waits on an epoch boundary.
 
-A lane is one Ray dataset of the training stream (pipelines/stream.py: `training_stream`
+A lane is one Ray dataset of the training stream (pipelines/data/stream.py: `training_stream`
 makes two over one datasource). Epoch e is one execution of lane e % 2; once its first batch
 is out, epoch e+1's execution starts on the other lane. This module is the consumer's side
 (the train loop, the ingest benchmark): it needs nothing of the data modules.
@@ -19,7 +19,7 @@ DTYPES = {"image": torch.uint8, "label": torch.int64, "skipped": torch.int8}  # 
 @dataclass(frozen=True)
 class Lanes:
     """Datasets over one datasource, read in turn epoch after epoch (epoch e on lane e % 2);
-    `key`: the name their plans go under in the job's ledger (pipelines/skips.py)."""
+    `key`: the name their plans go under in the job's ledger (pipelines/data/skips.py)."""
     datasets: tuple
     key: str
 
@@ -35,7 +35,7 @@ class EpochStreams:
     `lanes`: the two datasets of `training_stream`, or a train worker's shards of them
     (anything with `iter_torch_batches`, whose keyword arguments `batches` holds). `plans`:
     whether this process writes each epoch's plan for the lanes' read tasks (exactly one
-    process per job: rank 0); see pipelines/skips.py."""
+    process per job: rank 0); see pipelines/data/skips.py."""
 
     def __init__(self, lanes, key: str, ledger, plans: bool, **batches):
         self.lanes, self.key, self.ledger, self.plans, self.batches = lanes, key, ledger, plans, batches

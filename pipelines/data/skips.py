@@ -10,7 +10,7 @@ waiting for it (a read task blocked on `ray.get` frees its CPU: Ray then starts 
 worker process for a queued task and, once it idles, kills one; that churn stalled the
 stream for seconds). Rank 0 takes an epoch's count when the epoch's iterator is exhausted,
 once every read task of the epoch has reported (`epoch_counts`): the datasource tells the
-ledger how many it made. Two epochs' executions overlap (pipelines/lanes.py), so counts are
+ledger how many it made. Two epochs' executions overlap (pipelines/data/lanes.py), so counts are
 kept per epoch; a retried read task replaces its count.
 
 A read task learns its epoch from the plan of its lane: before a consumer starts iterating
@@ -25,7 +25,7 @@ import time
 
 import ray
 
-from pipelines.console import job_actor
+from pipelines.output.console import job_actor
 
 logger = logging.getLogger(__name__)
 COUNTS = ("skipped", "decoded", "decode_seconds")

@@ -1,7 +1,7 @@
 """Training images at rest: ImageNet's class folders, WebDataset tar shards or Parquet
 shards, on a local/NFS path or an S3-compatible store. Listing, path patterns, counting, and
 reading each layout into (encoded bytes, label, name) samples. No Ray here: streaming them
-through Ray Data is `pipelines/stream.py`.
+through Ray Data is `pipelines/data/stream.py`.
 
 `open_source` lists the files and counts the images before anything runs, so the epoch
 size (and with it the lr schedule) is right from step 0: from the listing (imagefolder),
@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from cluster.storage import Storage, open_storage
-from pipelines.errors import FatalError
+from pipelines.common.errors import FatalError
 
 logger = logging.getLogger(__name__)
 

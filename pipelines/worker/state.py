@@ -26,8 +26,8 @@ from mae.checkpoint import (CHECKPOINT_DIR, CHECKPOINT_FILE, load_checkpoint, lo
                             save_checkpoint)
 from mae.export import HF_CONFIG, HF_WEIGHTS, read_hf
 from mae.recipe import build_optimizer
-from pipelines.config import Config, RunConfig
-from pipelines.errors import FatalError
+from pipelines.common.config import Config, RunConfig
+from pipelines.common.errors import FatalError
 
 logger = logging.getLogger("mae.train")
 BEST = "best"  # the folder of a classification run's best checkpoint (by validation top-1)
@@ -50,7 +50,7 @@ def build_state(cfg: Config, row: Accelerator, device: torch.device, lr: float,
                 num_classes: int | None = None) -> State:
     """Fresh weights (seeded by `train.seed`), the task's optimizer at `lr` and the gradient
     scaler (on for fp16). Pretraining: the MAE and AdamW (0.9, 0.95); fine-tuning and linear
-    probing: the classifier of `num_classes` and its optimizer (pipelines/classify.py)."""
+    probing: the classifier of `num_classes` and its optimizer (pipelines/worker/tasks.py)."""
     m, t = cfg.model, cfg.train
     torch.manual_seed(t.seed)
     fused = device.type == "cuda"
@@ -58,7 +58,7 @@ def build_state(cfg: Config, row: Accelerator, device: torch.device, lr: float,
         net = create_model(m.name, img_size=m.input_size, norm_pix_loss=m.norm_pix_loss).to(device)
         optimizer = build_optimizer(net, lr=lr, weight_decay=cfg.optim.weight_decay, fused=fused)
     else:
-        from pipelines.classify import build_classifier, build_classifier_optimizer
+        from pipelines.worker.tasks import build_classifier, build_classifier_optimizer
         net = build_classifier(cfg, num_classes).to(device)
         optimizer = build_classifier_optimizer(net, cfg, lr, fused)
     return State(net, optimizer, row.make_scaler(enabled=t.precision == "fp16"))

@@ -20,7 +20,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from mae.classifier import create_classifier, load_pretrained
 from mae.recipe import LARS, param_groups_lrd
 from mae.transforms import normalize_on_device
-from pipelines.config import Config
+from pipelines.common.config import Config
 
 logger = logging.getLogger("mae.train")
 

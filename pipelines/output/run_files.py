@@ -48,7 +48,7 @@ def ended_by(storage: Storage, job_id: str) -> str | None:
 class RunLog:
     """The run's metrics and step records, kept in memory on rank 0 and flushed each epoch,
     with the figures and (optionally) TensorBoard events and an MLflow run
-    (`tracker`: pipelines/tracking.py)."""
+    (`tracker`: pipelines/output/tracking.py)."""
 
     def __init__(self, storage: Storage, start_epoch: int, start_step: int, tensorboard: bool = False,
                  tracker=None):

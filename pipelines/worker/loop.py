@@ -2,7 +2,7 @@
 
 Each worker's plugin and device are set up before its process group exists
 (cluster/torch_backend.py). The loop builds the model, restores where the run left off
-(pipelines/train_state.py), wraps DDP itself and trains on its shard of the Ray Data
+(pipelines/worker/state.py), wraps DDP itself and trains on its shard of the Ray Data
 stream. Rank 0 writes the checkpoint and the run's files at each epoch end (and every
 `train.checkpoint_every_steps` steps); every rank reports to Ray Train.
 
@@ -31,14 +31,14 @@ from mae.model import preset
 from mae.recipe import fractional_epoch, lr_at, set_lr
 from mae.transforms import eval_crops, normalize_on_device
 from mae.visualize import grid_png, reconstruct
-from pipelines.config import Config, ModelConfig, from_dict
-from pipelines.console import flush_to_driver, forward_to_driver
-from pipelines.errors import FatalError
-from pipelines.run_files import RunLog, end_attempt, ended_by
-from pipelines.skips import epoch_counts, skip_counter
-from pipelines.lanes import DTYPES, NAMES as LANES, EpochStreams
-from pipelines.classify import Objective, evaluate, init_from_pretrained
-from pipelines.train_state import (CheckpointWriter, State, build_state, read_pretrained, restore, run_record,
+from pipelines.common.config import Config, ModelConfig, from_dict
+from pipelines.output.console import flush_to_driver, forward_to_driver
+from pipelines.common.errors import FatalError
+from pipelines.output.run_files import RunLog, end_attempt, ended_by
+from pipelines.data.skips import epoch_counts, skip_counter
+from pipelines.data.lanes import DTYPES, NAMES as LANES, EpochStreams
+from pipelines.worker.tasks import Objective, evaluate, init_from_pretrained
+from pipelines.worker.state import (CheckpointWriter, State, build_state, read_pretrained, restore, run_record,
                                    starting_checkpoint)
 
 logger = logging.getLogger("mae.train")
@@ -70,7 +70,7 @@ class Worker:
 @dataclass(frozen=True)
 class StepConfig:
     """What one micro-step needs. `objective(model, images, labels)`: the loss of a
-    classification task (pipelines/classify.py); None: the MAE's own at `mask_ratio`."""
+    classification task (pipelines/worker/tasks.py); None: the MAE's own at `mask_ratio`."""
     device: torch.device
     mask_ratio: float
     accum_iter: int
@@ -169,7 +169,7 @@ def train_loop_per_worker(config: dict) -> None:
     the restart that Ray Train may make finds it recorded for this Ray job and returns at
     once. The driver prints the recorded error and exits 1."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if not config["cfg"]["run"].get("verbose", False):  # the driver shows our lines only: pipelines/console.py
+    if not config["cfg"]["run"].get("verbose", False):  # the driver shows our lines only: pipelines/output/console.py
         rank = ray.train.get_context().get_world_rank()
         forward_to_driver(f"rank {rank} on {ray.util.get_node_ip_address()}", everything=rank == 0)
     job_id = ray.get_runtime_context().get_job_id()
@@ -227,7 +227,7 @@ def train(config: dict) -> None:
     if worker.is_chief:
         tracker = None
         if cfg.run.mlflow_tracking_uri:
-            from pipelines.tracking import MlflowTracker
+            from pipelines.output.tracking import MlflowTracker
             tracker = MlflowTracker(config["storage"], cfg.run.mlflow_tracking_uri, cfg.run.mlflow_experiment,
                                     cfg.run.name, config["cfg"])
         figures = Figures(config["held_out"], cfg.model, cfg.train.seed, worker.device) if task == "pretrain" else None
@@ -254,7 +254,7 @@ def train(config: dict) -> None:
         log = train_one_epoch(loop, state, batches, epoch)
         seconds = time.perf_counter() - t0
         stream = {}
-        if worker.is_chief:  # every read task of the epoch has ended: see pipelines/skips.py
+        if worker.is_chief:  # every read task of the epoch has ended: see pipelines/data/skips.py
             stream = epoch_counts(counter, config["stream"], epoch)
             log.skipped = stream["skipped"]
         if not log.synced and state.iteration < sched.steps_per_epoch * sched.accum_iter:

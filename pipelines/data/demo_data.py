@@ -1,7 +1,7 @@
 """The demo dataset: scikit-learn's 1,797 real handwritten digits (shipped inside the
 package, no download), written as JPEG files in the ImageFolder layout.
 
-    python pipelines/demo_data.py data/digits
+    python pipelines/data/demo_data.py data/digits
 """
 import argparse
 import os
