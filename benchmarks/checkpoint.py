@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cluster.storage import open_storage  # noqa: E402
 from mae import create_model  # noqa: E402
 from mae.recipe import build_optimizer  # noqa: E402
-from pipelines.worker.state import CheckpointWriter, State  # noqa: E402
+from pipelines.worker.checkpointing import CheckpointWriter
+from pipelines.worker.state import State  # noqa: E402
 
 
 def train_fn(config: dict) -> None:

@@ -43,7 +43,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mae.transforms import (IMAGENET_MEAN, IMAGENET_STD, PRETRAIN, REGION_DECODE, Augment,  # noqa: E402
                             normalize_on_device, with_zero_bit_posterize)
 from pipelines.common.config import DataConfig  # noqa: E402
-from pipelines.data.reading import open_source  # noqa: E402
 from pipelines.data.skips import skip_counter  # noqa: E402
 from pipelines.data.lanes import DTYPES, EpochStreams  # noqa: E402
 from pipelines.data.stream import training_stream  # noqa: E402
@@ -132,7 +131,8 @@ def ours(data: str, fmt: str, cpus: int, seconds: float, batch: int, size: int, 
         augment = PRETRAIN if recipe == "pretrain" else Augment((0.08, 1.0), RAND_AUGMENT)
         erase = RandomErasing(0.25, mode="pixel", max_count=1, num_splits=0, device="cpu") \
             if recipe == "finetune" else None
-        lanes = training_stream(open_source(fmt, data, endpoint), DataConfig(), size, seed=0, augment=augment)
+        d = DataConfig(path=data, format=fmt, s3_endpoint=endpoint)
+        lanes = training_stream(d.open(), d, size, seed=0, augment=augment)
         streams = EpochStreams(lanes.datasets, lanes.key, skip_counter(), plans=True, batch_size=batch,
                                drop_last=True, prefetch_batches=4,
                                dtypes=DTYPES)

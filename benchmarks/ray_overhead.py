@@ -29,7 +29,7 @@ from mae import create_model  # noqa: E402
 from mae.recipe import build_optimizer, lr_at, scaled_lr, set_lr  # noqa: E402
 from pipelines.common.config import load_config  # noqa: E402
 from pipelines.output.run_files import read_jsonl  # noqa: E402
-from pipelines.worker.loop import StepConfig, micro_step, optimizer_step  # noqa: E402
+from pipelines.worker.step import StepConfig, micro_step, optimizer_step  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "debug.yaml"
 
@@ -38,7 +38,7 @@ def plain_loop(cfg, images: np.ndarray, steps_per_epoch: int, epochs: int) -> li
     """Epoch wall times of a single-process loop doing what a Ray worker does per step."""
     torch.manual_seed(cfg.train.seed)
     model = create_model(cfg.model.name, img_size=cfg.model.input_size, norm_pix_loss=cfg.model.norm_pix_loss)
-    lr = scaled_lr(cfg.optim.blr, cfg.train.batch_size, 1, 1)
+    lr = scaled_lr(cfg.optim.blr, cfg.train.batch_size)
     opt = build_optimizer(model, lr=lr, weight_decay=cfg.optim.weight_decay)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     data = torch.from_numpy(images)
@@ -60,7 +60,7 @@ def plain_loop(cfg, images: np.ndarray, steps_per_epoch: int, epochs: int) -> li
 def ray_loop(cfg, images: np.ndarray) -> list[float]:
     """Epoch wall times of the same steps through pipelines/pretrain.py's trainer."""
     import ray
-    from pipelines.driver.launch import build_trainer
+    from pipelines.driver.trainer import build_trainer
     from pipelines.data.lanes import Lanes
 
     ray.init(num_cpus=max(2, int(cfg.scaling.cpus_per_worker) + 1), include_dashboard=False,

@@ -29,7 +29,7 @@ from mae.flops import train_flops_per_image  # noqa: E402
 from mae.model import preset  # noqa: E402
 from mae.recipe import build_optimizer  # noqa: E402
 from mae.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from pipelines.worker.loop import AMP_DTYPES, StepConfig, micro_step, optimizer_step  # noqa: E402
+from pipelines.worker.step import AMP_DTYPES, StepConfig, micro_step, optimizer_step  # noqa: E402
 
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s), matched against torch.cuda.get_device_name().
 PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "A10G": 70.0, "A10": 125.0,

@@ -1,6 +1,7 @@
-"""Everything about checkpoint files: their name and folder pattern, finding a run's
-latest, (de)serialising them, and recovering the model a state dict holds (preset, image
-size). Loading never executes code from the file.
+"""Everything about checkpoint files: their name and folder pattern, (de)serialising them,
+and recovering the model a state dict holds (preset, image size). Loading never executes
+code from the file. Finding a run's latest checkpoint goes through the run storage (local or
+S3), so it lives in pipelines/common/checkpoints.py.
 
 A run directory holds one folder per checkpoint, `checkpoint_epoch_EEEE_step_SSSSSSSSS/`
 (epoch and optimizer steps, zero-padded so that names sort in time order), each with one
@@ -23,22 +24,6 @@ SAFE_GLOBALS = [argparse.Namespace]
 def checkpoint_dir_name(epoch: int, step: int) -> str:
     """The folder of the checkpoint taken in `epoch` after `step` optimizer steps."""
     return f"checkpoint_epoch_{epoch:04d}_step_{step:09d}"
-
-
-def latest_checkpoint(path: str | os.PathLike) -> str:
-    """`path` itself when it is a checkpoint file, else the latest checkpoint of the run
-    directory `path`. Raises ValueError naming what is missing."""
-    path = os.fspath(path)
-    if os.path.isfile(path):
-        return path
-    if not os.path.isdir(path):
-        raise ValueError(f"--checkpoint: no such file or run directory {path!r}")
-    found = sorted((tuple(map(int, m.groups())), name) for name in os.listdir(path)
-                   if (m := CHECKPOINT_DIR.fullmatch(name))
-                   and os.path.isfile(os.path.join(path, name, CHECKPOINT_FILE)))
-    if not found:
-        raise ValueError(f"--checkpoint: {path!r} holds no checkpoint_epoch_*_step_*/{CHECKPOINT_FILE}")
-    return os.path.join(path, found[-1][1], CHECKPOINT_FILE)
 
 
 def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:

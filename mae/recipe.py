@@ -6,9 +6,9 @@ import torch
 import torch.nn as nn
 
 
-def scaled_lr(blr: float, batch_per_worker: int, accum_iter: int, num_workers: int) -> float:
-    """`lr = blr * effective_batch / 256` with effective_batch = batch * accum_iter * workers."""
-    return blr * batch_per_worker * accum_iter * num_workers / 256
+def scaled_lr(blr: float, effective_batch: int) -> float:
+    """`lr = blr * effective_batch / 256`, effective_batch = batch per worker x accum_iter x workers."""
+    return blr * effective_batch / 256
 
 
 def fractional_epoch(epoch: int, iteration: int, iters_per_epoch: int) -> float:

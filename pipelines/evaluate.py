@@ -3,7 +3,9 @@
     python pipelines/evaluate.py --checkpoint runs/demo --data data/digits [--random-init] [--compare-random-init]
 
 --checkpoint is a checkpoint.pth (ours or official, encoder-only ones included) or a run
-directory (its latest checkpoint). Ray Data decodes the images of <data>/train and
+directory (its latest checkpoint), local or on S3 (s3://bucket/prefix, with --s3-endpoint for
+MinIO or Ceph, --s3-credentials-file or the usual AWS environment for the keys; the feature
+actors read it with the same settings). Ray Data decodes the images of <data>/train and
 <data>/val (resize + centre crop) and runs the frozen encoder over them, unmasked; the
 feature of an image is its cls token next to its mean-pooled patch tokens (after the final
 norm). Features are standardised with the train set's mean and std, then:
@@ -23,9 +25,10 @@ import pyarrow.fs as pafs
 import ray
 import torch
 
-from mae.checkpoint import latest_checkpoint, load_checkpoint, model_from_checkpoint
+from mae.checkpoint import model_from_checkpoint
 from mae.model import MaskedAutoencoderViT, create_model
 from mae.transforms import eval_crops, normalize_on_device
+from pipelines.common.checkpoints import add_checkpoint_options, locate_checkpoint, read_checkpoint
 from pipelines.data.reading import ImageFolder, class_of, list_imagefolder
 
 
@@ -45,9 +48,9 @@ def encoder_features(model: MaskedAutoencoderViT, imgs: torch.Tensor) -> torch.T
 class Features:
     """Ray Data actor: decode + resize/crop + encoder forward, for one batch of files."""
 
-    def __init__(self, checkpoint: str, random_init: bool, classes: list[str], threads: int = 1):
+    def __init__(self, checkpoint: str, s3: dict, random_init: bool, classes: list[str], threads: int = 1):
         torch.set_num_threads(threads)
-        self.model = load_encoder(checkpoint, random_init).eval()
+        self.model = load_encoder(checkpoint, s3, random_init).eval()
         self.size = self.model.patch_embed.img_size[0]
         self.class_index = {c: i for i, c in enumerate(classes)}
 
@@ -58,18 +61,21 @@ class Features:
         return {"features": feats.numpy(), "label": np.array(labels, dtype=np.int64)}
 
 
-def load_encoder(checkpoint: str, random_init: bool) -> MaskedAutoencoderViT:
-    model, name = model_from_checkpoint(load_checkpoint(checkpoint), require_decoder=False)
+def load_encoder(checkpoint: str, s3: dict, random_init: bool) -> MaskedAutoencoderViT:
+    """The encoder of the checkpoint file `checkpoint`; `s3`: `read_checkpoint`'s endpoint, region
+    and credentials_file (a credentials file's path goes to the actors, never the keys in it)."""
+    model, name = model_from_checkpoint(read_checkpoint(checkpoint, **s3), require_decoder=False)
     if random_init:
         torch.manual_seed(0)
         model = create_model(name, img_size=model.patch_embed.img_size[0])
     return model
 
 
-def extract(folder: ImageFolder, checkpoint: str, random_init: bool, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+def extract(folder: ImageFolder, checkpoint: str, s3: dict, random_init: bool,
+            batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     ds = ray.data.read_binary_files(folder.paths, include_paths=True)
     workers = max(1, int(ray.cluster_resources().get("CPU", 1)) - 1)
-    ds = ds.map_batches(Features, fn_constructor_kwargs=dict(checkpoint=checkpoint, random_init=random_init,
+    ds = ds.map_batches(Features, fn_constructor_kwargs=dict(checkpoint=checkpoint, s3=s3, random_init=random_init,
                                                             classes=folder.classes),
                         batch_size=batch_size, batch_format="numpy", num_cpus=1,
                         compute=ray.data.ActorPoolStrategy(size=workers))
@@ -97,10 +103,10 @@ def knn(train_x, train_y, val_x, val_y, k: int = 20, num_classes: int | None = N
     return correct / len(val)
 
 
-def evaluate(checkpoint: str, data: str, random_init: bool, k: int, batch_size: int) -> dict:
+def evaluate(checkpoint: str, s3: dict, data: str, random_init: bool, k: int, batch_size: int) -> dict:
     train, val = local_imagefolder(data, "train"), local_imagefolder(data, "val")
-    train_x, train_y = extract(train, checkpoint, random_init, batch_size)
-    val_x, val_y = extract(val, checkpoint, random_init, batch_size)
+    train_x, train_y = extract(train, checkpoint, s3, random_init, batch_size)
+    val_x, val_y = extract(val, checkpoint, s3, random_init, batch_size)
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6
     train_x, val_x = (train_x - mean) / std, (val_x - mean) / std
     return {"random_init": random_init, "linear_top1": linear_probe(train_x, train_y, val_x, val_y),
@@ -110,23 +116,25 @@ def evaluate(checkpoint: str, data: str, random_init: bool, k: int, batch_size: 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True, help="checkpoint.pth or a run directory")
+    add_checkpoint_options(ap, "checkpoint.pth or a run directory")
     ap.add_argument("--data", required=True, help="ImageFolder root with train/ and val/")
     ap.add_argument("--random-init", action="store_true", help="an untrained encoder of the same shape")
     ap.add_argument("--compare-random-init", action="store_true", help="evaluate both the checkpoint and random init")
     ap.add_argument("--k", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=128)
     args = ap.parse_args(argv)
+    s3 = dict(endpoint=args.s3_endpoint, region=args.s3_region, credentials_file=args.s3_credentials_file)
     try:
-        checkpoint = latest_checkpoint(args.checkpoint)
+        store, name = locate_checkpoint(args.checkpoint, **s3)
+        checkpoint = store.child(name).uri  # the file itself: each actor reads it, no run directory to list again
         local_imagefolder(args.data, "train"), local_imagefolder(args.data, "val")
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # missing, unreadable (S3), a credentials file refused, no images
         print(f"error: {e}", file=sys.stderr)
         return 2
     ray.init(ignore_reinit_error=True, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     variants = [False, True] if args.compare_random_init else [args.random_init]
-    results = [evaluate(checkpoint, args.data, random_init, args.k, args.batch_size) for random_init in variants]
+    results = [evaluate(checkpoint, s3, args.data, random_init, args.k, args.batch_size) for random_init in variants]
     print(f"checkpoint {checkpoint}, data {args.data}")
     for r in results:
         print(f"  {'random-init encoder' if r['random_init'] else 'pretrained encoder ':<19}  "

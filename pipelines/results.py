@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
 from cluster.storage import open_storage  # noqa: E402
-from pipelines.output.run_files import read_jsonl  # noqa: E402
+from pipelines.output.run_files import best_epoch, read_jsonl  # noqa: E402
 
 
 def best_of(run_dir: str) -> dict | None:
@@ -23,11 +23,11 @@ def best_of(run_dir: str) -> dict | None:
     epoch of it was evaluated."""
     storage = open_storage(run_dir)
     evaluated = [m for m in read_jsonl(storage, "metrics.jsonl") if "val_top1" in m]
-    if not evaluated:
+    best = best_epoch(evaluated)
+    if best is None:
         return None
     import yaml
     config = yaml.safe_load(storage.read("config.yaml") or b"{}") or {}
-    best = max(evaluated, key=lambda m: m["val_top1"])
     return {"run": run_dir, "task": config.get("train", {}).get("task"),
             "start": config.get("model", {}).get("checkpoint") or "random init", "epochs": len(evaluated),
             "best_epoch": best["epoch"], "val_top1": best["val_top1"], "val_top5": best["val_top5"]}

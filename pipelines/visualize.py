@@ -3,7 +3,9 @@
     python pipelines/visualize.py --checkpoint runs/demo --images data/digits/val --out reconstructions.png \\
         [--mask-ratio 0.75] [--seed 0]
 
---checkpoint is a checkpoint file or a run directory (its latest checkpoint).
+--checkpoint is a checkpoint file or a run directory (its latest checkpoint), local or on S3
+(s3://bucket/prefix, with --s3-endpoint for MinIO or Ceph, --s3-credentials-file or the usual
+AWS environment for the keys).
 
 One row per image (at most --max-images, spread evenly over the sorted files; folders are
 searched recursively), four columns: original, masked input, reconstruction, reconstruction with the
@@ -19,9 +21,10 @@ import sys
 import pyarrow.fs as pafs
 import torch
 
-from mae.checkpoint import latest_checkpoint, load_checkpoint, model_from_checkpoint
+from mae.checkpoint import model_from_checkpoint
 from mae.transforms import eval_crops, normalize_on_device
 from mae.visualize import grid_png, reconstruct
+from pipelines.common.checkpoints import add_checkpoint_options, read_checkpoint
 from pipelines.data.reading import IMAGE_EXTENSIONS, evenly_spaced, list_images, read_file
 
 
@@ -41,7 +44,7 @@ def image_files(sources: list[str], limit: int) -> list[str]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True, help="checkpoint.pth (ours or official) or a run directory")
+    add_checkpoint_options(ap, "checkpoint.pth (ours or official) or a run directory")
     ap.add_argument("--images", nargs="+", required=True, help="image files and/or folders")
     ap.add_argument("--out", required=True, help="PNG to write")
     ap.add_argument("--mask-ratio", type=float, default=0.75)
@@ -51,8 +54,13 @@ def main(argv=None) -> int:
                     help="override what the checkpoint records (official checkpoints record nothing)")
     args = ap.parse_args(argv)
     try:
+        ckpt = read_checkpoint(args.checkpoint, args.s3_endpoint, args.s3_region, args.s3_credentials_file)
+    except (ValueError, OSError) as e:  # missing, unreadable (S3), or a credentials file refused
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
         norm_pix = None if args.norm_pix_loss is None else args.norm_pix_loss == "true"
-        model, name = model_from_checkpoint(load_checkpoint(latest_checkpoint(args.checkpoint)), norm_pix)
+        model, name = model_from_checkpoint(ckpt, norm_pix)
         files = image_files(args.images, args.max_images)
         size = model.patch_embed.img_size[0]
         crops = eval_crops([read_file(pafs.LocalFileSystem(), os.path.abspath(f)) for f in files], size)

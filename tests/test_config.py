@@ -1,8 +1,9 @@
+import os
 from pathlib import Path
 
 import pytest
 
-from pipelines.common.config import ConfigError, load_config
+from pipelines.common.config import ConfigError, check_epoch, head_classes, load_config
 from pipelines.pretrain import main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -98,3 +99,30 @@ def test_elastic_sizes_that_cannot_keep_the_recipe_are_refused(overrides, messag
     with pytest.raises(ConfigError) as e:
         load_config("configs/debug.yaml", overrides)
     assert str(e.value).startswith(message)
+
+
+def test_local_paths_are_made_absolute_once_validated(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(CONFIGS / "debug.yaml", ["data.path=~/imagenet", "run.storage_path=runs"])
+    assert cfg.data.path == os.path.expanduser("~/imagenet") and cfg.run.storage_path == str(tmp_path / "runs")
+    with pytest.raises(ConfigError, match="data.path: '' is not allowed; set it"):  # not the working directory
+        load_config(CONFIGS / "debug.yaml", ["data.path="])
+
+
+def test_the_checks_against_the_data_name_the_key(digits):
+    cfg = load_config(CONFIGS / "debug.yaml", [f"data.path={digits}"])  # 2 workers, batches of 32
+    check_epoch(cfg, 64)
+    with pytest.raises(ConfigError, match="train.batch_size: 63 images over 2 workers give 0 batches of 32 per "
+                                          "epoch, fewer than the 1 micro-batches of one optimizer step of 64"):
+        check_epoch(cfg, 63)
+    cfg = load_config(CONFIGS / "finetune_demo.yaml", [f"data.path={digits}"])
+    train, val = cfg.data.open(), cfg.data.open_val()  # <path>/train/, <path>/val/
+    assert (len(train), len(val), head_classes(cfg, train.classes)) == (1438, 359, 10)
+    assert val.classes == train.classes
+    with pytest.raises(ConfigError, match="model.num_classes: the data names no classes"):
+        head_classes(cfg, ["only"])
+    cfg.data.val_path = str(digits / "val")  # <val_path>/<class>/<image>
+    assert cfg.data.open_val().files == val.files
+    cfg.data.val_path, cfg.data.format = None, "webdataset"
+    with pytest.raises(ConfigError, match="data.val_path: webdataset shards need it"):
+        cfg.data.open_val()

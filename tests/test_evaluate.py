@@ -95,4 +95,4 @@ def test_visualize_writes_the_figure_and_rejects_bad_input(tmp_path, tiny_checkp
         assert im.height > 6 * 96 and im.width > 4 * 96  # 6 images x 4 columns
     assert "norm_pix_loss=True" in capsys.readouterr().out
     assert visualize.main(["--checkpoint", str(tmp_path / "nope.pth"), "--images", str(data), "--out", str(out)]) == 2
-    assert "no such file" in capsys.readouterr().err
+    assert "error: --checkpoint: no such checkpoint file or run directory" in capsys.readouterr().err

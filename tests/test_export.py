@@ -12,7 +12,8 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 
 from mae import create_model
 from mae.export import encoder_state_for_timm, timm_model_name
-from pipelines.export import main, timm_name_or_none
+from pipelines.export import main
+from pipelines.worker.tasks import timm_name_or_none
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "mae_vit_tiny_patch4"
@@ -128,7 +129,7 @@ def test_timm_name_comes_from_the_recorded_preset():
 
 def test_missing_checkpoint_exits_2(tmp_path, capsys):
     assert main(["--checkpoint", str(tmp_path / "nope.pth"), "--out", str(tmp_path / "e.safetensors")]) == 2
-    assert "error: --checkpoint: no such file" in capsys.readouterr().err
+    assert "error: --checkpoint: no such checkpoint file or run directory" in capsys.readouterr().err
     assert not (tmp_path / "e.safetensors").exists()
 
 

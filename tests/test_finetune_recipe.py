@@ -234,17 +234,17 @@ def test_entry_points_refuse_another_tasks_config_and_a_missing_checkpoint_befor
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_finetune_micro_step_under_autocast_trains_every_weight_and_probe_only_its_head(precision):
-    from pipelines.worker.loop import AMP_DTYPES, StepConfig, micro_step, optimizer_step
-    from pipelines.worker.tasks import build_classifier, build_classifier_optimizer
+    from pipelines.worker.step import AMP_DTYPES, StepConfig, micro_step, optimizer_step
+    from pipelines.worker.tasks import task_of
     for task in ("finetune", "linprobe"):
         cfg = _cfg("model.name=mae_vit_tiny_patch4", "model.input_size=16", f"train.task={task}",
                    *([] if task == "finetune" else ["augment.rand_augment=null", "augment.reprob=0", "augment.mixup=0",
                                                     "augment.cutmix=0", "augment.smoothing=0", "optim.layer_decay=1",
                                                     "model.drop_path=0"]))
         torch.manual_seed(0)
-        model = build_classifier(cfg, 10)
+        model = task_of(cfg).model(cfg, 10)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        optimizer = build_classifier_optimizer(model, cfg, 1e-3, fused=None)
+        optimizer = task_of(cfg).optimizer(model, cfg, 1e-3, fused=None)
         step = StepConfig(torch.device("cpu"), 0.75, 1, AMP_DTYPES[precision], Objective(cfg, 10, torch.device("cpu")))
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         images = torch.randint(0, 256, (8, 16, 16, 3), dtype=torch.uint8)

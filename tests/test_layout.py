@@ -62,6 +62,45 @@ def test_the_import_graph_has_no_cycle():
         visit(module)
 
 
+COMMANDS = {"pretrain", "finetune", "linprobe", "prepare_shards", "export", "evaluate", "visualize", "results",
+            "compare_loss"}
+SUB_PACKAGES = {"common", "driver", "worker", "data", "output"}
+
+
+def test_pipelines_top_holds_only_commands_and_the_library_sits_by_where_it_runs():
+    """The commands at the top of pipelines/, each with a main() run as a script; the library
+    below them in one folder per place where its code runs."""
+    top = {path.stem for path in (ROOT / "pipelines").glob("*.py")} - {"__init__"}
+    assert top == COMMANDS
+    for name in COMMANDS:
+        tree = ast.parse((ROOT / "pipelines" / f"{name}.py").read_text())
+        assert any(isinstance(n, ast.If) and "__main__" in ast.unparse(n.test) for n in tree.body), name
+        assert any(isinstance(n, ast.ImportFrom) and any(a.name == "main" for a in n.names) or
+                   isinstance(n, ast.FunctionDef) and n.name == "main" for n in tree.body), name
+    folders = {p.name for p in (ROOT / "pipelines").iterdir() if (p / "__init__.py").exists()}
+    assert folders == SUB_PACKAGES
+
+
+def test_the_floors_between_the_sub_packages():
+    """No library module imports a command; the worker reaches the data side only through what
+    it consumes (the lanes and the skip ledger), never the driver; the data and output sides
+    never import the driver or the worker."""
+    graph = our_imports()
+    commands = {f"pipelines.{name}" for name in COMMANDS}
+    for module, deps in graph.items():
+        parts = module.split(".")
+        if parts[0] != "pipelines" or len(parts) < 3:
+            continue
+        assert not deps & commands, f"{module} imports a command: {sorted(deps & commands)}"
+        folders = {d.split(".")[1] for d in deps if d.startswith("pipelines.") and d.count(".") >= 2}
+        if parts[1] == "worker":
+            data = {d for d in deps if d.startswith("pipelines.data.")}
+            assert data <= {"pipelines.data.lanes", "pipelines.data.skips"}, f"{module} imports {sorted(data)}"
+            assert "driver" not in folders, module
+        if parts[1] in ("data", "output"):
+            assert not folders & {"driver", "worker"}, f"{module} imports {sorted(folders)}"
+
+
 def test_private_ray_apis_only_in_ray_compat():
     private = re.compile(r"ray(\.\w+)*\._\w+|\._(execution_idx|resource_manager|data_context)\b|worker_group\.execute")
     offenders = [f"{path.relative_to(ROOT)}:{n}" for package in (*PACKAGES, "benchmarks")

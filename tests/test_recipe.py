@@ -29,9 +29,9 @@ def test_lr_is_set_from_the_fractional_epoch():
 
 
 def test_scaled_lr_uses_effective_batch():
-    assert scaled_lr(1.5e-4, batch_per_worker=64, accum_iter=1, num_workers=64) == pytest.approx(2.4e-3)
-    assert scaled_lr(1.5e-4, batch_per_worker=64, accum_iter=8, num_workers=8) == pytest.approx(2.4e-3)
-    assert scaled_lr(1e-3, 32, 2, 2) == pytest.approx(0.5e-3)
+    assert scaled_lr(1.5e-4, effective_batch=64 * 1 * 64) == pytest.approx(2.4e-3)
+    assert scaled_lr(1.5e-4, effective_batch=64 * 8 * 8) == pytest.approx(2.4e-3)
+    assert scaled_lr(1e-3, 32 * 2 * 2) == pytest.approx(0.5e-3)
 
 
 def test_param_groups_no_decay_on_biases_and_norms_frozen_excluded():

@@ -256,14 +256,14 @@ def test_one_shard_is_split_for_every_decoder_and_each_image_read_once(ray_clien
     import pyarrow.parquet as pq
 
     from pipelines.data.skips import skip_counter
-    from pipelines.data.stream import ImageDatasource
+    from pipelines.data.stream import ImageDatasource, View
     convert(str(photos), str(tmp_path / "one"), fmt, shard_size=2**30)  # one shard holds them all
     (shard,) = (tmp_path / "one").glob(f"*.{'parquet' if fmt == 'parquet' else 'tar'}")
     if fmt == "parquet":  # row groups of 4 images
         pq.write_table(pq.read_table(shard), shard, row_group_size=4, compression="none")
         (tmp_path / "one" / "manifest.json").unlink()
     source = open_source(fmt, str(tmp_path / "one"))
-    datasource = ImageDatasource(source, DataConfig(), SIZE, 0, False, skip_counter(), decoders=3)
+    datasource = ImageDatasource(source, DataConfig(), View(SIZE, 0, None), skip_counter(), decoders=3)
     units = datasource.read_units(np.random.default_rng(0))
     assert len(units) >= 3 and sum(n for _, n in units) == len(source) == sum(expected(photos).values())
     counts, rows = streamed(source)

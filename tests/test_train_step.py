@@ -8,7 +8,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from mae import create_model
 from mae.recipe import build_optimizer
-from pipelines.worker.loop import StepConfig, micro_step, optimizer_step
+from pipelines.worker.step import StepConfig, micro_step, optimizer_step
 
 CPU = torch.device("cpu")
 
@@ -92,7 +92,7 @@ def test_accumulating_k_micro_batches_equals_one_step_on_k_times_the_batch(proce
 @pytest.mark.parametrize("num_images", [1797, 1437, 4096 * 3 + 17])
 def test_every_worker_count_gives_the_same_steps_and_lr_per_step(num_images):
     from pipelines.common.config import load_config
-    from pipelines.worker.loop import Schedule
+    from pipelines.common.schedule import Schedule
     cfg = load_config("configs/debug.yaml", ["scaling.min_workers=1", "scaling.num_workers=6", "train.batch_size=4",
                                              "train.effective_batch=240", "train.epochs=3", "optim.warmup_epochs=1"])
     schedules = {w: Schedule.of(cfg, num_images, w) for w in cfg.worker_counts}

@@ -1,19 +1,35 @@
 """Typed run configuration: one dataclass per component, filled from YAML, then overridden
 by dotted `section.key=value` arguments. Unknown keys and bad values are errors that name
-the key and what is allowed. Validation lives in `validate()` and nowhere else."""
+the key and what is allowed. Every check of a config lives here: `validate()` for the config
+alone, and, below it, the few that need the data listed (`check_epoch`, `head_classes`,
+`DataConfig.open_val`)."""
 import dataclasses
 import importlib.util
 import os
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import yaml
 
 import mae
 from cluster.accelerators import ACCELERATORS, Accelerator, resolve
-from cluster.storage import CredentialsError, Storage, is_uri, open_storage, read_credentials
+from cluster.storage import (
+    CredentialsError,
+    Storage,
+    is_uri,
+    open_storage,
+    read_credentials,
+)
+from pipelines.common.schedule import Schedule
+
+if TYPE_CHECKING:
+    from pipelines.data.reading import Source
+
+ENTRY_POINTS = {"pretrain": "pipelines/pretrain.py", "finetune": "pipelines/finetune.py",
+                "linprobe": "pipelines/linprobe.py"}
 
 
 class ConfigError(ValueError):
@@ -106,6 +122,28 @@ class DataConfig:
     min_cpus: float = 1.0
     """CPUs that must remain for decoding beyond the training workers' reservation; the
     preflight fails at once if the cluster cannot spare them."""
+
+    def open(self, path: str | None = None, split: str = "train") -> "Source":
+        """The images at `path` (null: `data.path`) in `data.format`, listed and counted,
+        through this section's S3 endpoint, region and credentials; `split`: the
+        imagefolder's folder under `path` (train, val)."""
+        # imported here: a train worker reads its config, never the data (tests/test_layout.py)
+        from pipelines.data.reading import open_source
+        return open_source(self.format, self.path if path is None else path, self.s3_endpoint, self.s3_region,
+                           self.s3_credentials_file, split=split)
+
+    def open_val(self) -> "Source":
+        """Fine-tuning and linear probing: the validation images, `val_path` (an imagefolder's
+        `<val_path>/<class>/<image>`, or shards), or else an imagefolder's `<path>/val/`."""
+        if self.val_path is None and self.format != "imagefolder":
+            raise ConfigError(f"data.val_path: {self.format} shards need it (a folder, glob or brace pattern of the "
+                              "validation shards)")
+        if self.val_path is None:
+            return self.open(split="val")
+        if self.format == "imagefolder":  # <val_path>/<class>/<image>
+            root, _, split = self.val_path.rstrip("/").rpartition("/")
+            return self.open(root, split)
+        return self.open(self.val_path)
 
 
 @dataclass
@@ -358,8 +396,9 @@ def _set(cfg: Config, dotted: str, value) -> None:
     setattr(obj, key, _coerce(dotted, value, hints[key]))
 
 
-def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults <- YAML file <- `section.key=value` overrides, then validate."""
+def load_config(path: str | None = None, overrides: list[str] = (), task: str | None = None) -> Config:
+    """Defaults <- YAML file <- `section.key=value` overrides, then validated, its local paths
+    made absolute; with `task`, the config must be one of that task (its entry point's)."""
     cfg = Config()
     if path is not None:
         if not os.path.isfile(path):
@@ -385,6 +424,10 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"{dotted}: cannot parse {value!r}: {str(e).splitlines()[0]}") from None
         _set(cfg, dotted, parsed)
     validate(cfg)
+    resolve_paths(cfg)
+    if task is not None and cfg.train.task != task:
+        raise ConfigError(f"train.task: {path} is a {cfg.train.task} config; run it with "
+                          f"{ENTRY_POINTS[cfg.train.task]}, or give {ENTRY_POINTS[task]} a {task} config")
     return cfg
 
 
@@ -397,105 +440,51 @@ def from_dict(d: dict) -> Config:
     return cfg
 
 
-def validate(cfg: Config) -> None:
-    def need(ok: bool, key: str, allowed: str, value):
-        if not ok:
-            raise ConfigError(f"{key}: {value!r} is not allowed; {allowed}")
-
-    m, d, o, t, s, r = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.scaling, cfg.run
-    need(m.name in mae.list_models(), "model.name", f"choose one of {mae.list_models()}", m.name)
-    patch = mae.model.preset(m.name)["patch_size"] if m.name in mae.list_models() else 1
-    need(m.input_size > 0 and m.input_size % patch == 0, "model.input_size",
-         f"must be a positive multiple of {m.name}'s patch size {patch}", m.input_size)
-    need(0.0 < m.mask_ratio < 1.0, "model.mask_ratio", "must be in (0, 1)", m.mask_ratio)
-    validate_task(cfg)
-    need(bool(d.path), "data.path", "set it to a folder holding train/<class>/<image> (or shards)", d.path)
-    need(d.path.startswith("s3://") or not is_uri(d.path), "data.path", "a local/NFS path or s3://bucket/prefix",
-         d.path)
-    need(d.decode_batch_size >= 1, "data.decode_batch_size", "must be >= 1", d.decode_batch_size)
-    need(d.decode_cpus > 0, "data.decode_cpus", "must be > 0", d.decode_cpus)
-    need(d.decode_concurrency is None or d.decode_concurrency >= 1, "data.decode_concurrency", "null or >= 1",
-         d.decode_concurrency)
-    need(d.read_files_per_task >= 1, "data.read_files_per_task", "must be >= 1", d.read_files_per_task)
-    need(d.max_pixels >= 1, "data.max_pixels", "must be >= 1", d.max_pixels)
-    need(d.max_image_bytes >= 1, "data.max_image_bytes", "must be >= 1 (bytes)", d.max_image_bytes)
-    need(d.read_retries >= 0, "data.read_retries", "must be >= 0", d.read_retries)
-    need(d.retry_backoff_seconds >= 0, "data.retry_backoff_seconds", "must be >= 0", d.retry_backoff_seconds)
-    need(d.prefetch_batches >= 0, "data.prefetch_batches", "must be >= 0", d.prefetch_batches)
-    need(d.object_store_memory is None or d.object_store_memory > 0, "data.object_store_memory",
-         "null or > 0 (bytes)", d.object_store_memory)
-    need(o.blr > 0, "optim.blr", "must be > 0", o.blr)
-    need(o.lr is None or o.lr > 0, "optim.lr", "must be > 0 or null", o.lr)
-    need(o.min_lr >= 0, "optim.min_lr", "must be >= 0", o.min_lr)
-    need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0", o.weight_decay)
-    need(0 <= o.warmup_epochs < t.epochs, "optim.warmup_epochs",
-         f"must be >= 0 and < train.epochs ({t.epochs})", o.warmup_epochs)
-    need(t.epochs >= 1, "train.epochs", "must be >= 1", t.epochs)
-    need(t.batch_size >= 1, "train.batch_size", "must be >= 1", t.batch_size)
-    need(t.accum_iter >= 1, "train.accum_iter", "must be >= 1", t.accum_iter)
-    need(t.log_every_steps >= 1, "train.log_every_steps", "must be >= 1", t.log_every_steps)
-    need(s.num_workers >= 1, "scaling.num_workers", "must be >= 1", s.num_workers)
-    need(s.min_workers is None or 1 <= s.min_workers <= s.num_workers, "scaling.min_workers",
-         f"null or from 1 to scaling.num_workers ({s.num_workers})", s.min_workers)
-    need(s.resize_check_seconds > 0, "scaling.resize_check_seconds", "must be > 0", s.resize_check_seconds)
-    need(t.effective_batch is None or t.effective_batch >= 1, "train.effective_batch", "null or >= 1",
-         t.effective_batch)
-    if t.effective_batch is not None and t.accum_iter != 1:
-        need(t.effective_batch == t.batch_size * t.accum_iter * s.num_workers, "train.effective_batch",
-             f"set it or train.accum_iter, not both (accum_iter {t.accum_iter} x batch_size {t.batch_size} x "
-             f"{s.num_workers} workers = {t.batch_size * t.accum_iter * s.num_workers})", t.effective_batch)
-    bad = [w for w in cfg.worker_counts if cfg.effective_batch % (t.batch_size * w)]
-    need(not bad, "train.effective_batch",
-         f"{cfg.effective_batch} images per step cannot be split into micro-batches of train.batch_size="
-         f"{t.batch_size} at {', '.join(map(str, bad))} workers; choose an effective batch that "
-         f"batch_size x every worker count in scaling.min_workers..num_workers divides, or narrow that range",
-         cfg.effective_batch)
-    need(s.accelerator in ACCELERATORS, "scaling.accelerator", f"choose one of {sorted(ACCELERATORS)}",
-         s.accelerator)
-    need(s.cpus_per_worker >= 0, "scaling.cpus_per_worker", "must be >= 0", s.cpus_per_worker)
-    device_types = sorted({row.device_type for row in ACCELERATORS.values()})
-    need(s.device_type is None or s.device_type in device_types, "scaling.device_type",
-         f"null or one of {device_types}", s.device_type)
-    row = cfg.accelerator
-    need(t.precision in row.amp_dtypes, "train.precision", f"{row.device_type} supports {list(row.amp_dtypes)}",
-         t.precision)
-    need(d.min_cpus >= 0, "data.min_cpus", "must be >= 0", d.min_cpus)
-    need(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", "must be >= 0 (0: epoch ends only)",
-         t.checkpoint_every_steps)
-    need(bool(r.name) and "/" not in r.name, "run.name", "a non-empty name without '/'", r.name)
-    need(bool(r.storage_path) and (r.storage_path.startswith("s3://") or not is_uri(r.storage_path)),
-         "run.storage_path", "a local/NFS folder or s3://bucket/prefix", r.storage_path)
-    need(r.keep_checkpoints is None or r.keep_checkpoints >= 1, "run.keep_checkpoints", "null or >= 1",
-         r.keep_checkpoints)
-    uri = r.mlflow_tracking_uri or ""
-    need("@" not in uri.partition("://")[2].partition("/")[0], "run.mlflow_tracking_uri",
-         "no credentials in the URI (they would show in `ray job list`); set MLFLOW_TRACKING_USERNAME / "
-         "MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN on the nodes", "<redacted>")
-    if uri and importlib.util.find_spec("mlflow") is None:
-        raise ConfigError("run.mlflow_tracking_uri: mlflow is not installed; pip install -e '.[mlflow]'")
-    need(r.lease_ttl_seconds > 0, "run.lease_ttl_seconds", "must be > 0", r.lease_ttl_seconds)
-    need(r.max_failures >= -1, "run.max_failures", "-1 (unlimited) or >= 0", r.max_failures)
-    if not is_uri(r.storage_path):
-        r.storage_path = os.path.abspath(os.path.expanduser(r.storage_path))
-    for section, key in ((m, "checkpoint"), (d, "val_path")):
+def resolve_paths(cfg: Config) -> None:
+    """Local paths made absolute, `~` expanded: the workers, on other nodes and in other
+    folders, read them too (run after `validate`, which refuses an empty data.path)."""
+    for section, key in ((cfg.run, "storage_path"), (cfg.model, "checkpoint"), (cfg.data, "val_path"),
+                         (cfg.run, "resume_from"), (cfg.data, "path")):
         value = getattr(section, key)
         if value and not is_uri(value):
             setattr(section, key, os.path.abspath(os.path.expanduser(value)))
-    if r.resume_from and not is_uri(r.resume_from):
-        r.resume_from = os.path.abspath(os.path.expanduser(r.resume_from))
-    if not is_uri(d.path):
-        d.path = os.path.abspath(os.path.expanduser(d.path))
-    for key, section in (("data.s3_credentials_file", d), ("run.s3_credentials_file", r)):
-        if section.s3_credentials_file:
-            try:
-                read_credentials(section.s3_credentials_file)
-            except CredentialsError as e:
-                raise ConfigError(f"{key}: {e}") from None
 
 
-def validate_task(cfg: Config) -> None:
+# --------------------------------------------------------------------------------------
+# Validation: the config alone
+# --------------------------------------------------------------------------------------
+
+
+def validate(cfg: Config) -> None:
+    """Every check of the config on its own, section by section; the first bad value raises a
+    ConfigError naming its key and what is allowed."""
+    _check_model(cfg.model)
+    _check_task(cfg)
+    _check_data(cfg.data)
+    _check_optim(cfg.optim, cfg.train)
+    _check_train(cfg.train)
+    _check_scaling(cfg)
+    _check_batches(cfg)
+    _check_run(cfg.run)
+    _check_credentials(cfg)
+
+
+def _need(ok: bool, key: str, allowed: str, value) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {value!r} is not allowed; {allowed}")
+
+
+def _check_model(m: ModelConfig) -> None:
+    _need(m.name in mae.list_models(), "model.name", f"choose one of {mae.list_models()}", m.name)
+    patch = mae.model.preset(m.name)["patch_size"]
+    _need(m.input_size > 0 and m.input_size % patch == 0, "model.input_size",
+          f"must be a positive multiple of {m.name}'s patch size {patch}", m.input_size)
+    _need(0.0 < m.mask_ratio < 1.0, "model.mask_ratio", "must be in (0, 1)", m.mask_ratio)
+
+
+def _check_task(cfg: Config) -> None:
     """The keys one task uses and the others refuse (a fine-tuning key in a pretraining
-    config is a mistake, not a no-op)."""
+    config is a mistake, not a no-op), and the classification recipe's values."""
     m, a, o, t = cfg.model, cfg.augment, cfg.optim, cfg.train
     classify = {"model.checkpoint": m.checkpoint is not None, "model.num_classes": m.num_classes is not None,
                 "data.val_path": cfg.data.val_path is not None}
@@ -530,6 +519,131 @@ def validate_task(cfg: Config) -> None:
         except (AssertionError, ValueError, KeyError, IndexError) as e:
             raise ConfigError(f"augment.rand_augment: {a.rand_augment!r} is not a timm RandAugment policy "
                               f"(e.g. rand-m9-mstd0.5-inc1): {e}") from None
+
+
+def _check_data(d: DataConfig) -> None:
+    _need(bool(d.path), "data.path", "set it to a folder holding train/<class>/<image> (or shards)", d.path)
+    _need(d.path.startswith("s3://") or not is_uri(d.path), "data.path", "a local/NFS path or s3://bucket/prefix",
+          d.path)
+    _need(d.decode_batch_size >= 1, "data.decode_batch_size", "must be >= 1", d.decode_batch_size)
+    _need(d.decode_cpus > 0, "data.decode_cpus", "must be > 0", d.decode_cpus)
+    _need(d.decode_concurrency is None or d.decode_concurrency >= 1, "data.decode_concurrency", "null or >= 1",
+          d.decode_concurrency)
+    _need(d.read_files_per_task >= 1, "data.read_files_per_task", "must be >= 1", d.read_files_per_task)
+    _need(d.max_pixels >= 1, "data.max_pixels", "must be >= 1", d.max_pixels)
+    _need(d.max_image_bytes >= 1, "data.max_image_bytes", "must be >= 1 (bytes)", d.max_image_bytes)
+    _need(d.read_retries >= 0, "data.read_retries", "must be >= 0", d.read_retries)
+    _need(d.retry_backoff_seconds >= 0, "data.retry_backoff_seconds", "must be >= 0", d.retry_backoff_seconds)
+    _need(d.prefetch_batches >= 0, "data.prefetch_batches", "must be >= 0", d.prefetch_batches)
+    _need(d.object_store_memory is None or d.object_store_memory > 0, "data.object_store_memory",
+          "null or > 0 (bytes)", d.object_store_memory)
+    _need(d.min_cpus >= 0, "data.min_cpus", "must be >= 0", d.min_cpus)
+
+
+def _check_optim(o: OptimConfig, t: TrainConfig) -> None:
+    _need(o.blr > 0, "optim.blr", "must be > 0", o.blr)
+    _need(o.lr is None or o.lr > 0, "optim.lr", "must be > 0 or null", o.lr)
+    _need(o.min_lr >= 0, "optim.min_lr", "must be >= 0", o.min_lr)
+    _need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0", o.weight_decay)
+    _need(0 <= o.warmup_epochs < t.epochs, "optim.warmup_epochs",
+          f"must be >= 0 and < train.epochs ({t.epochs})", o.warmup_epochs)
+
+
+def _check_train(t: TrainConfig) -> None:
+    _need(t.epochs >= 1, "train.epochs", "must be >= 1", t.epochs)
+    _need(t.batch_size >= 1, "train.batch_size", "must be >= 1", t.batch_size)
+    _need(t.accum_iter >= 1, "train.accum_iter", "must be >= 1", t.accum_iter)
+    _need(t.log_every_steps >= 1, "train.log_every_steps", "must be >= 1", t.log_every_steps)
+    _need(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", "must be >= 0 (0: epoch ends only)",
+          t.checkpoint_every_steps)
+
+
+def _check_scaling(cfg: Config) -> None:
+    """The worker counts and the accelerator (with the precisions it supports)."""
+    s = cfg.scaling
+    _need(s.num_workers >= 1, "scaling.num_workers", "must be >= 1", s.num_workers)
+    _need(s.min_workers is None or 1 <= s.min_workers <= s.num_workers, "scaling.min_workers",
+          f"null or from 1 to scaling.num_workers ({s.num_workers})", s.min_workers)
+    _need(s.resize_check_seconds > 0, "scaling.resize_check_seconds", "must be > 0", s.resize_check_seconds)
+    _need(s.accelerator in ACCELERATORS, "scaling.accelerator", f"choose one of {sorted(ACCELERATORS)}",
+          s.accelerator)
+    _need(s.cpus_per_worker >= 0, "scaling.cpus_per_worker", "must be >= 0", s.cpus_per_worker)
+    device_types = sorted({row.device_type for row in ACCELERATORS.values()})
+    _need(s.device_type is None or s.device_type in device_types, "scaling.device_type",
+          f"null or one of {device_types}", s.device_type)
+    row = cfg.accelerator
+    _need(cfg.train.precision in row.amp_dtypes, "train.precision",
+          f"{row.device_type} supports {list(row.amp_dtypes)}", cfg.train.precision)
+
+
+def _check_batches(cfg: Config) -> None:
+    """The effective batch splits into micro-batches at every worker count (after the worker
+    counts are checked: they divide it)."""
+    t, s = cfg.train, cfg.scaling
+    _need(t.effective_batch is None or t.effective_batch >= 1, "train.effective_batch", "null or >= 1",
+          t.effective_batch)
+    if t.effective_batch is not None and t.accum_iter != 1:
+        _need(t.effective_batch == t.batch_size * t.accum_iter * s.num_workers, "train.effective_batch",
+              f"set it or train.accum_iter, not both (accum_iter {t.accum_iter} x batch_size {t.batch_size} x "
+              f"{s.num_workers} workers = {t.batch_size * t.accum_iter * s.num_workers})", t.effective_batch)
+    bad = [w for w in cfg.worker_counts if cfg.effective_batch % (t.batch_size * w)]
+    _need(not bad, "train.effective_batch",
+          f"{cfg.effective_batch} images per step cannot be split into micro-batches of train.batch_size="
+          f"{t.batch_size} at {', '.join(map(str, bad))} workers; choose an effective batch that "
+          f"batch_size x every worker count in scaling.min_workers..num_workers divides, or narrow that range",
+          cfg.effective_batch)
+
+
+def _check_run(r: RunConfig) -> None:
+    _need(bool(r.name) and "/" not in r.name, "run.name", "a non-empty name without '/'", r.name)
+    _need(bool(r.storage_path) and (r.storage_path.startswith("s3://") or not is_uri(r.storage_path)),
+          "run.storage_path", "a local/NFS folder or s3://bucket/prefix", r.storage_path)
+    _need(r.keep_checkpoints is None or r.keep_checkpoints >= 1, "run.keep_checkpoints", "null or >= 1",
+          r.keep_checkpoints)
+    uri = r.mlflow_tracking_uri or ""
+    _need("@" not in uri.partition("://")[2].partition("/")[0], "run.mlflow_tracking_uri",
+          "no credentials in the URI (they would show in `ray job list`); set MLFLOW_TRACKING_USERNAME / "
+          "MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN on the nodes", "<redacted>")
+    if uri and importlib.util.find_spec("mlflow") is None:
+        raise ConfigError("run.mlflow_tracking_uri: mlflow is not installed; pip install -e '.[mlflow]'")
+    _need(r.lease_ttl_seconds > 0, "run.lease_ttl_seconds", "must be > 0", r.lease_ttl_seconds)
+    _need(r.max_failures >= -1, "run.max_failures", "-1 (unlimited) or >= 0", r.max_failures)
+
+
+def _check_credentials(cfg: Config) -> None:
+    """The credentials files are readable by their owner only, and hold a key pair."""
+    for key, section in (("data.s3_credentials_file", cfg.data), ("run.s3_credentials_file", cfg.run)):
+        if section.s3_credentials_file:
+            try:
+                read_credentials(section.s3_credentials_file)
+            except CredentialsError as e:
+                raise ConfigError(f"{key}: {e}") from None
+
+
+# --------------------------------------------------------------------------------------
+# Validation against the data, once it is listed (data.val_path: `DataConfig.open_val`)
+# --------------------------------------------------------------------------------------
+
+
+def check_epoch(cfg: Config, num_images: int) -> None:
+    """Every worker count the run may have gives an epoch at least one optimizer step: each
+    worker gets an equal share of the stream in whole batches, the last batch dropped."""
+    for workers in cfg.worker_counts:
+        sched = Schedule.of(cfg, num_images, workers)
+        if sched.steps_per_epoch < 1:
+            raise ConfigError(
+                f"train.batch_size: {num_images} images over {workers} workers give {sched.iters_per_epoch} "
+                f"batches of {cfg.train.batch_size} per epoch, fewer than the {sched.accum_iter} micro-batches of "
+                f"one optimizer step of {sched.images_per_step} images")
+
+
+def head_classes(cfg: Config, data_classes: Sequence[str]) -> int:
+    """Fine-tuning and linear probing: the classes of the head, `model.num_classes` or those
+    the training data names (its class folders, or the shards' classes.json)."""
+    num_classes = cfg.model.num_classes or len(data_classes)
+    if num_classes < 2:
+        raise ConfigError("model.num_classes: the data names no classes (no class folders or classes.json); set it")
+    return num_classes
 
 
 def to_yaml(cfg: Config) -> str:

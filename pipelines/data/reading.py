@@ -14,11 +14,11 @@ shard that ends before the count it promised, a whole shard) is logged with wher
 and yields one lost sample (`data=None`) per image it held, which the stream counts as
 skipped. Only the readers' own arguments can make them raise.
 """
+import errno
 import fnmatch
 import itertools
 import json
 import logging
-import errno
 import re
 import tarfile
 import time
@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from cluster.storage import Storage, open_storage
-from pipelines.common.errors import FatalError
+from pipelines.common.errors import FatalError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -69,10 +69,6 @@ def transient(e: BaseException) -> bool:
     return "AWS Error" in message and not any(code in message for code in PERMANENT_AWS)
 
 
-def one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())
-
-
 @dataclass(frozen=True)
 class Retry:
     """Retries of a transient storage error: up to `attempts` more tries, waiting `backoff`
@@ -80,8 +76,10 @@ class Retry:
     attempts: int = 3
     backoff: float = 0.5
 
-    def call(self, fn, what: str):
-        for k in range(self.attempts + 1):
+    def call(self, fn, what: str, spent: int = 0):
+        """`fn()`, tried again while it raises a transient error; `spent`: retries the same
+        read has had already (a tar shard, read on after each retry, has one budget)."""
+        for k in range(spent, self.attempts + 1):
             try:
                 return fn()
             except Exception as e:
@@ -376,7 +374,7 @@ def part_rows(rows: int, part: int, parts: int) -> int:
 def lost(n: int, where: str, why, label: int = -1):
     """`n` lost samples of `where`, logged once."""
     if n > 0:
-        logger.warning("skipping %d images of %s: %s", n, where, " ".join(str(why).split()))
+        logger.warning("skipping %d images of %s: %s", n, where, one_line(why))
     for _ in range(max(n, 0)):
         yield None, label, where
 
@@ -433,6 +431,52 @@ def parquet_samples(fs: pafs.FileSystem, shard: str, batch_size: int, part: int 
         f.close()
 
 
+def _tar_pass(fs: pafs.FileSystem, shard: str, skip: int, max_bytes: int | None, offset: int,
+              limit: int | None):
+    """One pass over a WebDataset tar's range (`offset`, `limit`: as in `tar_samples`), its
+    first `skip` samples passed over unread."""
+    key, sample, done = None, {}, 0  # done: samples of the range passed (skipped or given)
+
+    def emit():
+        data = next((sample[k] for k in WDS_IMAGE_KEYS if k in sample), b"")
+        try:
+            label = int(sample.get("cls", b"-1"))
+        except ValueError:
+            label = -1
+        return data, label, f"{shard}:{key}"
+
+    def stream():
+        if not offset:
+            return fs.open_input_stream(shard)
+        f = fs.open_input_file(shard)
+        f.seek(offset)
+        return f
+
+    with stream() as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            k, ext = wds_member(member.name)
+            if k != key and key is not None:
+                if skip > 0:
+                    skip -= 1
+                else:
+                    yield emit()
+                done += 1
+                if limit is not None and done >= limit:
+                    return  # the next sample is the next range's
+                sample = {}
+            key = k
+            if ext in WDS_IMAGE_KEYS and max_bytes is not None and member.size > max_bytes:
+                logger.warning("skipping %s:%s: %d bytes, over data.max_image_bytes=%d", shard, member.name,
+                               member.size, max_bytes)
+                sample[ext] = None
+            elif ext in (*WDS_IMAGE_KEYS, "cls") and skip == 0:
+                sample[ext] = tar.extractfile(member).read()
+    if key is not None and skip == 0:
+        yield emit()
+
+
 def tar_samples(fs: pafs.FileSystem, shard: str, expected: int | None = None, retry: Retry = Retry(),
                 max_bytes: int | None = None, offset: int = 0, limit: int | None = None):
     """Samples of a WebDataset tar: consecutive members grouped by `wds_member` key; with
@@ -442,66 +486,32 @@ def tar_samples(fs: pafs.FileSystem, shard: str, expected: int | None = None, re
     early ends there, its samples short of `expected` (its listed count) lost; an image
     member over `max_bytes` is lost unread."""
     given = 0
+    it, spent, end = None, 0, object()  # spent: failed reads, so retries, of the whole shard
 
-    def stream():
-        if not offset:
-            return fs.open_input_stream(shard)
-        f = fs.open_input_file(shard)
-        f.seek(offset)
-        return f
-
-    def samples(skip: int):
-        key, sample, done = None, {}, 0  # done: samples of the range passed (skipped or given)
-
-        def emit():
-            data = next((sample[k] for k in WDS_IMAGE_KEYS if k in sample), b"")
-            try:
-                label = int(sample.get("cls", b"-1"))
-            except ValueError:
-                label = -1
-            return data, label, f"{shard}:{key}"
-
-        with stream() as f, tarfile.open(fileobj=f, mode="r|") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                k, ext = wds_member(member.name)
-                if k != key and key is not None:
-                    if skip > 0:
-                        skip -= 1
-                    else:
-                        yield emit()
-                    done += 1
-                    if limit is not None and done >= limit:
-                        return  # the next sample is the next range's
-                    sample = {}
-                key = k
-                if ext in WDS_IMAGE_KEYS and max_bytes is not None and member.size > max_bytes:
-                    logger.warning("skipping %s:%s: %d bytes, over data.max_image_bytes=%d", shard, member.name,
-                                   member.size, max_bytes)
-                    sample[ext] = None
-                elif ext in (*WDS_IMAGE_KEYS, "cls") and skip == 0:
-                    sample[ext] = tar.extractfile(member).read()
-        if key is not None and skip == 0:
-            yield emit()
-
-    for k in range(retry.attempts + 1):
+    def next_sample():
+        nonlocal it, spent
+        if it is None:
+            it = _tar_pass(fs, shard, given, max_bytes, offset, limit)
         try:
-            for sample in samples(given):
-                given += 1
-                yield sample
-            break
-        except Exception as e:
-            if transient(e) and k < retry.attempts:
-                wait = retry.backoff * 2 ** k
-                logger.warning("reading %s after %d samples: %s; retry %d of %d in %.1f s", shard, given,
-                               one_line(e), k + 1, retry.attempts, wait)
-                time.sleep(wait)
-                continue
-            if not isinstance(e, (OSError, tarfile.TarError, EOFError, ValueError)):
-                raise
-            yield from lost((expected or given) - given, shard, f"unreadable after {given} samples: {e}")
-            return
+            return next(it, end)
+        except Exception:
+            it, spent = None, spent + 1  # a retry reopens the shard and skips the samples given
+            raise
+
+    try:
+        while True:
+            try:
+                sample = retry.call(next_sample, f"reading {shard} after {given} samples", spent)
+            except (OSError, tarfile.TarError, EOFError, ValueError) as e:
+                yield from lost((expected or given) - given, shard, f"unreadable after {given} samples: {e}")
+                return
+            if sample is end:
+                break
+            given += 1
+            yield sample
+    finally:
+        if it is not None:
+            it.close()
     if expected is not None and given < expected:
         yield from lost(expected - given, shard, f"ends after {given} of the {expected} samples it was counted with")
 

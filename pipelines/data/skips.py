@@ -25,7 +25,7 @@ import time
 
 import ray
 
-from pipelines.output.console import job_actor
+from cluster.actors import job_actor
 
 logger = logging.getLogger(__name__)
 COUNTS = ("skipped", "decoded", "decode_seconds")

@@ -21,19 +21,38 @@ import tarfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import ray
 import ray.data
 
 from cluster import ray_compat
-from mae.transforms import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, PRETRAIN, REGION_DECODE, Augment, decode_crop_batch
+from mae.transforms import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_PIXELS,
+    PRETRAIN,
+    REGION_DECODE,
+    Augment,
+    decode_crop_batch,
+)
 from pipelines.common.config import DataConfig
-from pipelines.output.console import forward_to_driver
+from pipelines.common.errors import one_line
 from pipelines.data.lanes import Lanes
-from pipelines.data.reading import (DataError, Retry, Source, imagefolder_samples, parquet_parts, parquet_row_groups,
-                               parquet_samples, part_rows, tar_offsets, tar_samples)
+from pipelines.data.reading import (
+    DataError,
+    Retry,
+    Source,
+    imagefolder_samples,
+    parquet_parts,
+    parquet_row_groups,
+    parquet_samples,
+    part_rows,
+    tar_offsets,
+    tar_samples,
+)
 from pipelines.data.skips import skip_counter
+from pipelines.output.console import forward_to_driver
 
 logger = logging.getLogger(__name__)
 UNITS_PER_DECODER = 4  # read units per decode task allowed to run, at the least: a short tail
@@ -54,7 +73,7 @@ def image_stream(source: Source, data: DataConfig, input_size: int, seed: int, r
     has not taken yet (queued, prefetched, or being decoded) stay under
     `data.object_store_memory` (default: three blocks per decoder and two more, at most half
     the object store); see `DecodeAhead`."""
-    return _lanes(source, data, input_size, seed, reserved_cpus, augment, console, 1).datasets[0]
+    return _lanes(source, data, View(input_size, seed, augment), reserved_cpus, console, 1).datasets[0]
 
 
 def training_stream(source: Source, data: DataConfig, input_size: int, seed: int, reserved_cpus: float = 0.0,
@@ -62,17 +81,25 @@ def training_stream(source: Source, data: DataConfig, input_size: int, seed: int
     """The training stream of `source` as two lanes (pipelines/data/lanes.py): two datasets over one
     datasource. Each lane may hold `image_stream`'s default of crops decoded ahead (at most a
     third of the object store); `data.object_store_memory` bounds both together."""
-    return _lanes(source, data, input_size, seed, reserved_cpus, augment, console, 2)
+    return _lanes(source, data, View(input_size, seed, augment), reserved_cpus, console, 2)
 
 
-def _lanes(source: Source, data: DataConfig, input_size: int, seed: int, reserved_cpus: float,
-           augment: Augment | None, console: bool, lanes: int) -> Lanes:
+@dataclass(frozen=True)
+class View:
+    """What each image of a stream becomes: a `size` crop made by `augment` (None: the
+    evaluation view), its randomness drawn from `seed`."""
+    size: int
+    seed: int
+    augment: Augment | None
+
+
+def _lanes(source: Source, data: DataConfig, view: View, reserved_cpus: float, console: bool, lanes: int) -> Lanes:
     resources = ray.cluster_resources()
     concurrency = data.decode_concurrency
     if concurrency is None:
         concurrency = max(1, int((resources.get("CPU", 1) - reserved_cpus) // data.decode_cpus))
-    datasource = ImageDatasource(source, data, input_size, seed, augment, skip_counter(), console, concurrency)
-    block_bytes = data.decode_batch_size * input_size * input_size * 3
+    datasource = ImageDatasource(source, data, view, skip_counter(), console, concurrency)
+    block_bytes = data.decode_batch_size * view.size * view.size * 3
     if data.object_store_memory is not None:  # all lanes together
         ahead_bytes = data.object_store_memory // lanes
     else:  # each lane, while it is the one trained on, needs the whole default to keep its decoders busy
@@ -188,9 +215,8 @@ class IdleWait(ray_compat.ExecutionCallback):
 class ImageDatasource(ray.data.Datasource):
     """A source's images, read and decoded in the same Ray task (see `image_stream`)."""
 
-    def __init__(self, source: Source, data: DataConfig, size: int, seed: int, augment: Augment | None, counter,
-                 console: bool = False, decoders: int = 1):
-        self.source, self.size, self.seed, self.augment, self.counter = source, size, seed, augment, counter
+    def __init__(self, source: Source, data: DataConfig, view: View, counter, console: bool = False, decoders: int = 1):
+        self.source, self.size, self.seed, self.augment, self.counter = source, view.size, view.seed, view.augment, counter
         self.console = console
         self.key, self.lane_index = f"stream-{uuid.uuid4().hex[:12]}", 0  # its plans in the ledger: skips.py
         self.batch_size, self.files_per_task = data.decode_batch_size, data.read_files_per_task
@@ -223,7 +249,7 @@ class ImageDatasource(ray.data.Datasource):
             offsets = tar_offsets(self.source.fs, shard)
             return offsets if len(offsets) == count else None
         except (OSError, ValueError, tarfile.TarError, EOFError) as e:
-            logger.warning("%s is read whole, not split: %s", shard, " ".join(str(e).split()))
+            logger.warning("%s is read whole, not split: %s", shard, one_line(e))
             return None
 
     def estimate_inmemory_data_size(self) -> int:
@@ -271,79 +297,104 @@ class ImageDatasource(ray.data.Datasource):
         return [pieces[i] for i in rng.permutation(len(pieces))]
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list:
-        from ray.data.block import BlockAccessor, BlockMetadata
+        from ray.data.block import BlockMetadata
         from ray.data.datasource import ReadTask
 
-        # The epoch this execution reads, as its consumer planned it (skips.py), which draws its
-        # order: resumed mid-epoch, the rest of the epoch is drawn anew. Unplanned (evaluation,
-        # a plain iteration), every execution draws a new order from OS entropy. Ray calls
-        # this without a context only to plan (count the tasks).
-        plan = ray.get(self.counter.planned.remote(self.key, self.lane_index)) if data_context else None
-        if data_context is None:  # counting the tasks: any order will do
-            rng, generation = np.random.default_rng(0), None
-        elif plan is None:  # nobody planned this execution: a fresh order, counts not kept
-            rng, generation = np.random.default_rng(), None
-        else:
-            epoch, first_iteration, generation = plan
-            rng = np.random.default_rng([self.seed, epoch, first_iteration])
-        fs, fmt, size, augment, batch = self.source.fs, self.source.format, self.size, self.augment, self.batch_size
-        threads, counter, retry = max(1, int(self.cpus)), self.counter, self.retry
-        max_pixels, max_bytes, console = self.max_pixels, self.max_bytes, self.console
-
-        def samples_of(unit, n: int):
-            if fmt == "imagefolder":
-                return imagefolder_samples(fs, *map(list, zip(*unit)), retry=retry, max_bytes=max_bytes)
-            if fmt == "parquet":
-                return parquet_samples(fs, unit[0], batch, unit[1], unit[2], expected=n, retry=retry)
-            if isinstance(unit, tuple):  # a run of a tar's samples
-                return tar_samples(fs, unit[0], expected=n, retry=retry, max_bytes=max_bytes, offset=unit[1],
-                                   limit=unit[2])
-            return tar_samples(fs, unit, expected=n, retry=retry, max_bytes=max_bytes)
-
-        def read(unit, n: int, index: int):
-            import torch
-            torch.set_num_threads(threads)  # one decoder per CPU it holds; no oversubscription
-            if console:
-                forward_to_driver(f"decoding on {ray.util.get_node_ip_address()}")
-            if augment:
-                warn_whole_image_decode()
-            skipped, decoded, seconds = 0, 0, 0.0
-
-            def block(chunk):  # None when no image of the chunk decodes
-                nonlocal skipped, decoded, seconds
-                t0 = time.perf_counter()
-                columns = decode_batch(*map(list, zip(*chunk)), size, augment, max_pixels, max_bytes)
-                seconds += time.perf_counter() - t0
-                decoded += len(chunk)
-                skipped += len(chunk) - int((columns["skipped"] == 0).sum())
-                return BlockAccessor.batch_to_block(columns) if len(columns["label"]) else None
-
-            try:
-                pending = []  # a tail shorter than half a batch joins the task's last block, not a block of its own
-                for sample in samples_of(unit, n):
-                    pending.append(sample)
-                    if len(pending) == batch + batch // 2:
-                        if (full := block(pending[:batch])) is not None:
-                            yield full
-                        pending = pending[batch:]
-                last = block(pending) if pending else None
-            except Exception as e:
-                raise DataError(f"reading {files(unit)[0]}{' and more' if len(files(unit)) > 1 else ''}: "
-                                f"{type(e).__name__}: {e}") from e
-            if last is not None:
-                yield last
-            if generation is not None:
-                counter.add.remote(skipped, decoded, seconds, generation, index)  # not waited for: skips.py
-
-        def files(unit) -> tuple[str, ...]:
-            return tuple(path for path, _ in unit) if fmt == "imagefolder" else (unit[0],) \
-                if isinstance(unit, tuple) else (unit,)
-
+        rng, generation = self._order(data_context)
+        reader = Reader(self.source.fs, self.source.format, self.size, self.augment, self.batch_size,
+                        max(1, int(self.cpus)), self.counter, self.retry, self.max_pixels, self.max_bytes,
+                        self.console)
         units = self.read_units(rng)
         if generation is not None:
-            counter.expect.remote(generation, len(units))
-        return [ReadTask(lambda unit=unit, n=n, index=index: read(unit, n, index),
+            self.counter.expect.remote(generation, len(units))
+        fmt, size = self.source.format, self.size
+        return [ReadTask(lambda unit=unit, n=n, index=index: reader(unit, n, index, generation),
                          BlockMetadata(num_rows=n, size_bytes=n * size * size * 3, exec_stats=None,
-                                       input_files=files(unit)),
+                                       input_files=unit_files(fmt, unit)),
                          per_task_row_limit=per_task_row_limit)
                 for index, (unit, n) in enumerate(units)]
+
+    def _order(self, data_context) -> tuple[np.random.Generator, int | None]:
+        """The generator of this execution's order, and the generation its counts go under.
+        The epoch this execution reads, as its consumer planned it (skips.py), draws its
+        order: resumed mid-epoch, the rest of the epoch is drawn anew. Unplanned (evaluation,
+        a plain iteration), every execution draws a new order from OS entropy. Ray calls
+        get_read_tasks without a context only to plan (count the tasks)."""
+        if data_context is None:  # counting the tasks: any order will do
+            return np.random.default_rng(0), None
+        plan = ray.get(self.counter.planned.remote(self.key, self.lane_index))
+        if plan is None:  # nobody planned this execution: a fresh order, counts not kept
+            return np.random.default_rng(), None
+        epoch, first_iteration, generation = plan
+        return np.random.default_rng([self.seed, epoch, first_iteration]), generation
+
+
+def unit_files(fmt: str, unit) -> tuple[str, ...]:
+    """The files a read unit reads: its images (imagefolder), or its shard."""
+    return tuple(path for path, _ in unit) if fmt == "imagefolder" else (unit[0],) \
+        if isinstance(unit, tuple) else (unit,)
+
+
+@dataclass(frozen=True)
+class Reader:
+    """A read task's work, pickled into each task: read its unit's samples and decode them
+    into blocks of `batch` crops, then report the task's counts to the ledger."""
+    fs: object
+    fmt: str
+    size: int
+    augment: Augment | None
+    batch: int
+    threads: int
+    counter: object
+    retry: Retry
+    max_pixels: int
+    max_bytes: int
+    console: bool
+
+    def samples(self, unit, n: int):
+        if self.fmt == "imagefolder":
+            return imagefolder_samples(self.fs, *map(list, zip(*unit)), retry=self.retry, max_bytes=self.max_bytes)
+        if self.fmt == "parquet":
+            return parquet_samples(self.fs, unit[0], self.batch, unit[1], unit[2], expected=n, retry=self.retry)
+        if isinstance(unit, tuple):  # a run of a tar's samples
+            return tar_samples(self.fs, unit[0], expected=n, retry=self.retry, max_bytes=self.max_bytes,
+                               offset=unit[1], limit=unit[2])
+        return tar_samples(self.fs, unit, expected=n, retry=self.retry, max_bytes=self.max_bytes)
+
+    def __call__(self, unit, n: int, index: int, generation: int | None):
+        import torch
+        torch.set_num_threads(self.threads)  # one decoder per CPU it holds; no oversubscription
+        if self.console:
+            forward_to_driver(f"decoding on {ray.util.get_node_ip_address()}")
+        if self.augment:
+            warn_whole_image_decode()
+        counts = [0, 0, 0.0]  # skipped, decoded, seconds
+        batch = self.batch
+        try:
+            pending = []  # a tail shorter than half a batch joins the task's last block, not a block of its own
+            for sample in self.samples(unit, n):
+                pending.append(sample)
+                if len(pending) == batch + batch // 2:
+                    if (full := self.block(pending[:batch], counts)) is not None:
+                        yield full
+                    pending = pending[batch:]
+            last = self.block(pending, counts) if pending else None
+        except Exception as e:
+            names = unit_files(self.fmt, unit)
+            raise DataError(f"reading {names[0]}{' and more' if len(names) > 1 else ''}: "
+                            f"{type(e).__name__}: {e}") from e
+        if last is not None:
+            yield last
+        if generation is not None:
+            self.counter.add.remote(*counts, generation, index)  # not waited for: skips.py
+
+    def block(self, chunk: list, counts: list):
+        """The decoded block of `chunk`, its counts added to `counts`; None when no image of
+        the chunk decodes."""
+        from ray.data.block import BlockAccessor
+        t0 = time.perf_counter()
+        columns = decode_batch(*map(list, zip(*chunk)), self.size, self.augment, self.max_pixels, self.max_bytes)
+        counts[2] += time.perf_counter() - t0
+        counts[1] += len(chunk)
+        counts[0] += len(chunk) - int((columns["skipped"] == 0).sum())
+        return BlockAccessor.batch_to_block(columns) if len(columns["label"]) else None

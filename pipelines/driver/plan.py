@@ -16,11 +16,10 @@ import time
 import numpy as np
 import torch
 
-from mae import create_model
-from mae.classifier import create_classifier
-from mae.flops import classifier_train_flops_per_image, train_flops_per_image
 from mae.transforms import PRETRAIN, Augment, decode_crop_batch
 from pipelines.common.config import Config
+from pipelines.common.schedule import Schedule
+from pipelines.worker.tasks import task_of
 
 IMAGENET_1K_TRAIN = 1_281_167
 
@@ -68,24 +67,16 @@ def plan(cfg: Config, num_images: int | None, images_note: str, blobs: list[byte
     """The plan as text (about one screen)."""
     m, o, t, s = cfg.model, cfg.optim, cfg.train, cfg.scaling
     n = num_images or IMAGENET_1K_TRAIN
-    effective = cfg.effective_batch
-    lr = o.lr or o.blr * effective / 256
-    iters = (n // s.num_workers) // t.batch_size
-    accum = cfg.accum_iter(s.num_workers)
-    steps = iters // accum
+    effective, task = cfg.effective_batch, task_of(cfg)
+    sched = Schedule.of(cfg, n, s.num_workers)
+    lr, accum, steps = sched.peak_lr, sched.accum_iter, sched.steps_per_epoch
     with torch.device("meta"):
-        if t.task == "pretrain":
-            model = create_model(m.name, img_size=m.input_size)
-        else:
-            model = create_classifier(m.name, m.input_size, m.num_classes or 1000, t.task, m.drop_path, m.global_pool)
+        model = task.model(cfg, m.num_classes or 1000)
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if t.task == "pretrain":
-        flops = train_flops_per_image(model, m.mask_ratio)
-    else:
-        flops = classifier_train_flops_per_image(model, t.task)
-    moments = "LARS momentum" if t.task == "linprobe" else "AdamW moments"
-    checkpoint = 4 * (params + (1 if t.task == "linprobe" else 2) * trainable)  # fp32 weights + the optimizer's
+    flops = task.train_flops(model, cfg)
+    moments = "AdamW moments" if task.optimizer_moments == 2 else "LARS momentum"
+    checkpoint = 4 * (params + task.optimizer_moments * trainable)  # fp32 weights + the optimizer's
     feed = accelerator_rate * s.num_workers
     per_cpu = decode_rate(blobs, m.input_size, augment=cfg.augment.view)
     row = cfg.accelerator
@@ -97,8 +88,8 @@ def plan(cfg: Config, num_images: int | None, images_note: str, blobs: list[byte
                                          f" (the same at {s.min_workers}..{s.num_workers} workers: accum " +
                                          ", ".join(str(cfg.accum_iter(w)) for w in cfg.worker_counts) + ")"),
         f"lr:             {lr:.3g} (blr {o.blr:g} x {effective:,} / 256)" if not o.lr else f"lr:             {lr:.3g}",
-        f"schedule:       {steps:,} steps per epoch x {t.epochs} epochs = {steps * t.epochs:,} steps; "
-        f"warmup {o.warmup_epochs:g} epochs = {round(o.warmup_epochs * steps):,} steps, then cosine to {o.min_lr:g}",
+        f"schedule:       {steps:,} steps per epoch x {t.epochs} epochs = {sched.total_steps:,} steps; "
+        f"warmup {o.warmup_epochs:g} epochs = {sched.warmup_steps:,} steps, then cosine to {o.min_lr:g}",
         f"per worker:     {resources} ({row.name}, {t.precision})",
         f"model:          {m.name} at {m.input_size}px: {params / 1e6:,.1f} M parameters "
         f"({trainable / 1e6:,.1f} M trained), {flops / 1e9:,.1f} GFLOPs per image per training step",

@@ -13,7 +13,8 @@ import logging
 import threading
 
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from cluster.actors import job_actor
 
 OUR_LOGGERS = ("mae", "pipelines", "cluster")  # "mae.train" and the modules' __name__ loggers
 
@@ -29,24 +30,6 @@ class ConsoleLines:
     def take(self) -> list[str]:
         lines, self.lines = self.lines, []
         return lines
-
-
-_handles: dict = {}
-
-
-def job_actor(actor_class, prefix: str):
-    """This Ray job's one actor of `actor_class`, named `<prefix>-<job id>`, created by the
-    first caller (the driver) on the caller's node: with the driver, whose loss ends the job
-    anyway. Elsewhere, the loss of a node (a preempted decoder or training node) would take
-    the actor with it, and every restart of the worker group would meet the dead handle the
-    stream holds. The handle is kept for the life of this process: a named actor whose
-    handles are all dropped dies, and a later `get_if_exists` could return it dying (a call on
-    it then fails with ActorDiedError)."""
-    name = f"{prefix}-{ray.get_runtime_context().get_job_id()}"
-    if name not in _handles:
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        _handles[name] = actor_class.options(name=name, get_if_exists=True, scheduling_strategy=here).remote()
-    return _handles[name]
 
 
 def console_lines():

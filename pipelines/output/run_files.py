@@ -2,16 +2,11 @@
 epoch), steps.jsonl (one per optimizer step), attempts.jsonl (one per start of the
 worker group), loss_curve.png and reconstructions/.
 
-Files are rewritten whole and atomically, on any storage (cluster.storage). On resume the
-records at or after the checkpoint's epoch/step are dropped first, so a resumed run holds
-each epoch and step exactly once even if the previous attempt died after writing them.
+Files are rewritten whole and atomically, on any storage (cluster.storage). The metrics
+files and figures are written by pipelines/output/metrics.py, with the run's other sinks.
 """
 import json
-import os
-import tempfile
 import time
-
-import pyarrow.fs as pafs
 
 from cluster.storage import Storage
 
@@ -45,81 +40,19 @@ def ended_by(storage: Storage, job_id: str) -> str | None:
     return last.get("error") if last.get("job_id") == job_id else None
 
 
-class RunLog:
-    """The run's metrics and step records, kept in memory on rank 0 and flushed each epoch,
-    with the figures and (optionally) TensorBoard events and an MLflow run
-    (`tracker`: pipelines/output/tracking.py)."""
+def record_attempt(storage: Storage, attempt: dict) -> None:
+    """One line in attempts.jsonl per start of the worker group (the first start, each
+    resubmission, each restart after a failure): where it started from and where each
+    worker ran. The file is a history, never truncated."""
+    attempt = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **attempt}
+    write_jsonl(storage, "attempts.jsonl", read_jsonl(storage, "attempts.jsonl") + [attempt])
 
-    def __init__(self, storage: Storage, start_epoch: int, start_step: int, tensorboard: bool = False,
-                 tracker=None):
-        self.storage, self.tracker = storage, tracker
-        self.metrics = [m for m in read_jsonl(storage, "metrics.jsonl") if m["epoch"] < start_epoch]
-        self.steps = [s for s in read_jsonl(storage, "steps.jsonl") if s["step"] <= start_step]
-        self.writer = None
-        if tensorboard:
-            from tensorboardX import SummaryWriter
-            # events are written locally and, for remote storage, copied into the run
-            # directory after each flush; purge_step tells TensorBoard to drop the events
-            # a previous attempt wrote after the checkpoint
-            self.mirror = not isinstance(storage.fs, pafs.LocalFileSystem)
-            self.tb_dir = tempfile.mkdtemp(prefix="mae-tensorboard-") if self.mirror else storage.path("tensorboard")
-            self.writer = SummaryWriter(self.tb_dir, purge_step=start_step + 1)
 
-    def record_attempt(self, attempt: dict) -> None:
-        """One line in attempts.jsonl per start of the worker group (the first start, each
-        resubmission, each restart after a failure): where it started from and where each
-        worker ran. The file is a history, never truncated."""
-        attempt = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **attempt}
-        self.attempts = read_jsonl(self.storage, "attempts.jsonl") + [attempt]
-        write_jsonl(self.storage, "attempts.jsonl", self.attempts)
-
-    def flush_steps(self, step_records: list[dict]) -> None:
-        """Mid-epoch (with a mid-epoch checkpoint): the step records so far."""
-        self.steps.extend(step_records)
-        write_jsonl(self.storage, "steps.jsonl", self.steps)
-        if self.writer is not None:
-            self._write_events(None, step_records, None)
-        if self.tracker is not None:
-            self.tracker.log_steps(step_records)
-
-    def flush(self, epoch_metrics: dict, step_records: list[dict], reconstruction_png: bytes | None = None) -> None:
-        self.metrics.append(epoch_metrics)
-        self.flush_steps(step_records)
-        write_jsonl(self.storage, "metrics.jsonl", self.metrics)
-        curve = plot_loss_curve(self.steps, self.metrics)
-        self.storage.write("loss_curve.png", curve)
-        figure = f"epoch_{epoch_metrics['epoch']:04d}.png"
-        if reconstruction_png is not None:
-            self.storage.write(f"reconstructions/{figure}", reconstruction_png)
-        if self.writer is not None:
-            self._write_events(epoch_metrics, [], reconstruction_png)
-        if self.tracker is not None:
-            self.tracker.log_epoch(epoch_metrics, self.steps[-1]["step"] if self.steps else 0)
-            self.tracker.log_figure("loss_curve.png", curve)
-            if reconstruction_png is not None:
-                self.tracker.log_figure(figure, reconstruction_png, "reconstructions")
-
-    def _write_events(self, epoch_metrics: dict | None, step_records: list[dict], png: bytes | None) -> None:
-        import io
-
-        import numpy as np
-        from PIL import Image
-
-        for r in step_records:
-            self.writer.add_scalar("train/loss", r["loss"], r["step"])
-            self.writer.add_scalar("train/lr", r["lr"], r["step"])
-        last = self.steps[-1]["step"] if self.steps else 0
-        if epoch_metrics is not None:
-            self.writer.add_scalar("epoch/train_loss", epoch_metrics["train_loss"], last)
-            self.writer.add_scalar("epoch/images_per_sec", epoch_metrics["images_per_sec"], last)
-        if png is not None:
-            grid = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
-            self.writer.add_image("reconstructions", grid, last, dataformats="HWC")
-        self.writer.flush()
-        if self.mirror:
-            for name in os.listdir(self.tb_dir):
-                with open(os.path.join(self.tb_dir, name), "rb") as f:
-                    self.storage.write(f"tensorboard/{name}", f.read())
+def best_epoch(metrics: list[dict]) -> dict | None:
+    """The epoch record with the highest validation top-1 (the first of equals), or None when
+    no epoch was evaluated: the one rule for the worker's best checkpoint, the driver's last
+    line and results.py."""
+    return max((m for m in metrics if "val_top1" in m), key=lambda m: m["val_top1"], default=None)
 
 
 def plot_loss_curve(steps: list[dict], metrics: list[dict]) -> bytes:

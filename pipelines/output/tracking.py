@@ -3,8 +3,9 @@
 One MLflow run per run directory: its id is kept in `<run dir>/mlflow.json`, so a
 resubmitted or restarted run logs on into the same MLflow run. Logged: the resolved config
 as params (it holds no credentials; the tracking server's own come from the nodes'
-MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN), per-step loss and lr, per-epoch metrics,
-and the loss curve and reconstruction figures as artifacts. Steps a restart trains again
+MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN), per-step loss and lr, every numeric value
+of each epoch's metrics as `epoch/<key>`, and the loss curve and reconstruction figures as
+artifacts, all handed over by pipelines/output/metrics.py. Steps a restart trains again
 are logged again at the same step numbers (the last value is the one that counts).
 
 Tracking never stops training: a call that fails (the server down past MLflow's own few
@@ -17,12 +18,12 @@ import tempfile
 import time
 
 from cluster.storage import Storage
+from pipelines.common.errors import one_line
+from pipelines.output.metrics import scalars
 
 logger = logging.getLogger("mae.train")
 
 RECORD = "mlflow.json"
-EPOCH_METRICS = ("train_loss", "train_lr", "images_per_sec", "epoch_seconds", "skipped_images", "steps",
-                 "decoded_images", "decode_images_per_cpu_sec")
 
 
 def flatten(config: dict) -> dict[str, str]:
@@ -57,7 +58,7 @@ class MlflowTracker:
         try:
             fn(*args, **kwargs)
         except Exception as e:  # tracking is a view of the run, never a reason to stop it
-            logger.warning("MLflow: could not log %s: %s", what, " ".join(str(e).split())[:300])
+            logger.warning("MLflow: could not log %s: %s", what, one_line(e)[:300])
 
     def _params(self, params: dict[str, str]) -> None:
         """Params not logged yet (a param's value cannot change in MLflow: a value changed on
@@ -76,10 +77,12 @@ class MlflowTracker:
             self._call("step metrics", self.client.log_batch, self.run_id, metrics=metrics[i:i + 1000])
 
     def log_epoch(self, epoch_metrics: dict, step: int) -> None:
+        """Every numeric value of the epoch's metrics as `epoch/<key>`, and `epoch`, at `step`
+        (the epoch's last optimizer step)."""
         from mlflow.entities import Metric
         now = int(time.time() * 1000)
-        metrics = [Metric(f"epoch/{k}", float(epoch_metrics[k]), now, step) for k in EPOCH_METRICS
-                   if k in epoch_metrics] + [Metric("epoch", float(epoch_metrics["epoch"]), now, step)]
+        metrics = [Metric(f"epoch/{k}", v, now, step) for k, v in scalars(epoch_metrics).items()]
+        metrics.append(Metric("epoch", float(epoch_metrics["epoch"]), now, step))
         self._call("epoch metrics", self.client.log_batch, self.run_id, metrics=metrics)
 
     def log_figure(self, name: str, png: bytes, folder: str | None = None) -> None:

@@ -1,0 +1,21 @@
+"""One named actor per Ray job, shared by the driver, the training workers and the data
+tasks (the console's lines, the stream's count of skipped images)."""
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+_handles: dict = {}
+
+
+def job_actor(actor_class, prefix: str):
+    """This Ray job's one actor of `actor_class`, named `<prefix>-<job id>`, created by the
+    first caller (the driver) on the caller's node: with the driver, whose loss ends the job
+    anyway. Elsewhere, the loss of a node (a preempted decoder or training node) would take
+    the actor with it, and every restart of the worker group would meet the dead handle the
+    stream holds. The handle is kept for the life of this process: a named actor whose
+    handles are all dropped dies, and a later `get_if_exists` could return it dying (a call on
+    it then fails with ActorDiedError)."""
+    name = f"{prefix}-{ray.get_runtime_context().get_job_id()}"
+    if name not in _handles:
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        _handles[name] = actor_class.options(name=name, get_if_exists=True, scheduling_strategy=here).remote()
+    return _handles[name]

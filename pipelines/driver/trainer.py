@@ -1,0 +1,41 @@
+"""The driver's TorchTrainer of a run: the workers' scaling and resources from the config's
+accelerator row, the run directory on its storage, restarts, checkpoints kept, the datasets
+(the stream's two lanes, the validation stream) and the WorkerJob every worker is handed."""
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from cluster.torch_backend import AcceleratorTorchConfig
+from pipelines.common.config import Config
+from pipelines.data.lanes import NAMES as LANES
+from pipelines.data.lanes import Lanes
+from pipelines.worker.job import JOB, VAL, WorkerJob
+from pipelines.worker.loop import train_loop_per_worker
+
+
+def build_trainer(cfg: Config, stream: Lanes, num_images: int, held_out: list[bytes] = (),
+                  num_classes: int | None = None, val: ray.data.Dataset | None = None) -> TorchTrainer:
+    """The TorchTrainer of a run over `stream`'s lanes (rows: uint8 HWC `image`, `label`,
+    `skipped`) of `num_images` per epoch; `held_out`: encoded images for the figures
+    (pretraining); `num_classes` and `val`: the classes and the validation stream
+    (fine-tuning, linear probing)."""
+    root, row, s = cfg.storage_root(), cfg.accelerator, cfg.scaling
+    workers = s.num_workers if s.min_workers is None else (s.min_workers, s.num_workers)
+    datasets = dict(zip(LANES, stream.datasets))
+    if val is not None:
+        datasets[VAL] = val
+    job = WorkerJob(cfg, num_images, root.child(cfg.run.name), stream.key, list(held_out), num_classes,
+                    val is not None)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={JOB: job},
+        torch_config=AcceleratorTorchConfig(accelerator=row),
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=row.resource == "GPU",
+                                               resources_per_worker=row.worker_resources(s.cpus_per_worker),
+                                               elastic_resize_monitor_interval_s=s.resize_check_seconds),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name, storage_path=root.root, storage_filesystem=root.fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
+        datasets=datasets,
+    )
