@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-fast clean
 
 install: $(STAMP)
 
@@ -23,6 +23,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q --durations=15 tests
+
+# the inner loop: every test not marked slow (no end-to-end run)
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" --durations=10 tests
 
 clean:
 	rm -rf $(VENV) .demo_data

@@ -4,8 +4,6 @@ unit), run storage on the S3-compatible server (no path is shared between nodes 
 run's files), nodes killed mid-run and added back."""
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -158,7 +156,7 @@ def autoscaling_head(tmp_path):
     worker nodes as local processes when a request needs them) can launch up to two nodes of
     type `sdaa_node`, none of them up. Yields its GCS address. Stopped by killing its own
     processes (`ray stop` would stop the shared cluster too)."""
-    from conftest import RAY, _free_port
+    from conftest import RAY, _free_port, stop_cluster
     port = _free_port()
     config = {
         "cluster_name": "fake", "max_workers": 2, "idle_timeout_minutes": 5, "upscaling_speed": 1.0,
@@ -183,14 +181,7 @@ def autoscaling_head(tmp_path):
     try:
         yield f"127.0.0.1:{port}"
     finally:
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if temp_dir.encode() in f.read():
-                        os.kill(int(pid), signal.SIGKILL)
-            except (OSError, ProcessLookupError):
-                pass
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        stop_cluster(temp_dir)
 
 
 def test_preflight_counts_the_nodes_the_autoscaler_can_launch(autoscaling_head, digits, tmp_path):

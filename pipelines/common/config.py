@@ -568,12 +568,12 @@ def _check_scaling(cfg: Config) -> None:
     _need(s.accelerator in ACCELERATORS, "scaling.accelerator", f"choose one of {sorted(ACCELERATORS)}",
           s.accelerator)
     _need(s.cpus_per_worker >= 0, "scaling.cpus_per_worker", "must be >= 0", s.cpus_per_worker)
-    device_types = sorted({row.device_type for row in ACCELERATORS.values()})
+    device_types = sorted({accelerator.device_type for accelerator in ACCELERATORS.values()})
     _need(s.device_type is None or s.device_type in device_types, "scaling.device_type",
           f"null or one of {device_types}", s.device_type)
-    row = cfg.accelerator
-    _need(cfg.train.precision in row.amp_dtypes, "train.precision",
-          f"{row.device_type} supports {list(row.amp_dtypes)}", cfg.train.precision)
+    accelerator = cfg.accelerator
+    _need(cfg.train.precision in accelerator.amp_dtypes, "train.precision",
+          f"{accelerator.device_type} supports {list(accelerator.amp_dtypes)}", cfg.train.precision)
 
 
 def _check_batches(cfg: Config) -> None:

@@ -25,8 +25,9 @@ class Schedule:
 
     @classmethod
     def of(cls, cfg, num_images: int, world: int) -> "Schedule":
-        """The schedule of `cfg` (a pipelines.common.config.Config, which imports this module) over `num_images` per epoch at `world` workers: each worker
-        gets an equal share of the stream in whole batches, the last batch dropped."""
+        """The schedule of `cfg` (a pipelines.common.config.Config, which imports this
+        module) over `num_images` per epoch at `world` workers: each worker gets an equal
+        share of the stream in whole batches, the last batch dropped."""
         o, t = cfg.optim, cfg.train
         return cls(iters_per_epoch=(num_images // world) // t.batch_size, accum_iter=cfg.accum_iter(world),
                    peak_lr=o.lr or scaled_lr(o.blr, cfg.effective_batch), min_lr=o.min_lr,

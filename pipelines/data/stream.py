@@ -216,8 +216,8 @@ class ImageDatasource(ray.data.Datasource):
     """A source's images, read and decoded in the same Ray task (see `image_stream`)."""
 
     def __init__(self, source: Source, data: DataConfig, view: View, counter, console: bool = False, decoders: int = 1):
-        self.source, self.size, self.seed, self.augment, self.counter = source, view.size, view.seed, view.augment, counter
-        self.console = console
+        self.source, self.counter, self.console = source, counter, console
+        self.size, self.seed, self.augment = view.size, view.seed, view.augment
         self.key, self.lane_index = f"stream-{uuid.uuid4().hex[:12]}", 0  # its plans in the ledger: skips.py
         self.batch_size, self.files_per_task = data.decode_batch_size, data.read_files_per_task
         self.cpus = data.decode_cpus

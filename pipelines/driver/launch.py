@@ -172,10 +172,11 @@ def start_ray(verbose: bool) -> None:
 
 def preflight(cfg: Config) -> None:
     """The run directory is writable and the cluster can ever hold the workers."""
-    row, s = cfg.accelerator, cfg.scaling
+    accelerator, s = cfg.accelerator, cfg.scaling
     check_storage(cfg)
     if s.preflight:
-        check_cluster(row, cfg.worker_counts[0], row.worker_resources(s.cpus_per_worker), cfg.data.min_cpus)
+        check_cluster(accelerator, cfg.worker_counts[0], accelerator.worker_resources(s.cpus_per_worker),
+                      cfg.data.min_cpus)
     else:
         print("warning: scaling.preflight=false: the cluster's resources are not checked; a request it can "
               "never meet waits for them forever", file=sys.stderr)

@@ -79,8 +79,8 @@ def plan(cfg: Config, num_images: int | None, images_note: str, blobs: list[byte
     checkpoint = 4 * (params + task.optimizer_moments * trainable)  # fp32 weights + the optimizer's
     feed = accelerator_rate * s.num_workers
     per_cpu = decode_rate(blobs, m.input_size, augment=cfg.augment.view)
-    row = cfg.accelerator
-    resources = row.worker_resources(s.cpus_per_worker)
+    accelerator = cfg.accelerator
+    resources = accelerator.worker_resources(s.cpus_per_worker)
     lines = ["resolved config:", *compact(cfg), "",
         f"data:           {n:,} images ({images_note})",
         f"batch:          {t.batch_size} per worker x accum {accum} x {s.num_workers} workers "
@@ -90,7 +90,7 @@ def plan(cfg: Config, num_images: int | None, images_note: str, blobs: list[byte
         f"lr:             {lr:.3g} (blr {o.blr:g} x {effective:,} / 256)" if not o.lr else f"lr:             {lr:.3g}",
         f"schedule:       {steps:,} steps per epoch x {t.epochs} epochs = {sched.total_steps:,} steps; "
         f"warmup {o.warmup_epochs:g} epochs = {sched.warmup_steps:,} steps, then cosine to {o.min_lr:g}",
-        f"per worker:     {resources} ({row.name}, {t.precision})",
+        f"per worker:     {resources} ({accelerator.name}, {t.precision})",
         f"model:          {m.name} at {m.input_size}px: {params / 1e6:,.1f} M parameters "
         f"({trainable / 1e6:,.1f} M trained), {flops / 1e9:,.1f} GFLOPs per image per training step",
         f"checkpoint:     about {checkpoint / 2**30:,.2f} GiB (fp32 weights + {moments})",

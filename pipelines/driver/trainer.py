@@ -1,6 +1,7 @@
 """The driver's TorchTrainer of a run: the workers' scaling and resources from the config's
-accelerator row, the run directory on its storage, restarts, checkpoints kept, the datasets
-(the stream's two lanes, the validation stream) and the WorkerJob every worker is handed."""
+accelerator (its row of cluster/accelerators.py), the run directory on its storage, restarts,
+checkpoints kept, the datasets (the stream's two lanes, the validation stream) and the
+WorkerJob every worker is handed."""
 import ray
 import ray.train
 from ray.train.torch import TorchTrainer
@@ -19,7 +20,7 @@ def build_trainer(cfg: Config, stream: Lanes, num_images: int, held_out: list[by
     `skipped`) of `num_images` per epoch; `held_out`: encoded images for the figures
     (pretraining); `num_classes` and `val`: the classes and the validation stream
     (fine-tuning, linear probing)."""
-    root, row, s = cfg.storage_root(), cfg.accelerator, cfg.scaling
+    root, accelerator, s = cfg.storage_root(), cfg.accelerator, cfg.scaling
     workers = s.num_workers if s.min_workers is None else (s.min_workers, s.num_workers)
     datasets = dict(zip(LANES, stream.datasets))
     if val is not None:
@@ -29,9 +30,9 @@ def build_trainer(cfg: Config, stream: Lanes, num_images: int, held_out: list[by
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={JOB: job},
-        torch_config=AcceleratorTorchConfig(accelerator=row),
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=row.resource == "GPU",
-                                               resources_per_worker=row.worker_resources(s.cpus_per_worker),
+        torch_config=AcceleratorTorchConfig(accelerator=accelerator),
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=accelerator.resource == "GPU",
+                                               resources_per_worker=accelerator.worker_resources(s.cpus_per_worker),
                                                elastic_resize_monitor_interval_s=s.resize_check_seconds),
         run_config=ray.train.RunConfig(
             name=cfg.run.name, storage_path=root.root, storage_filesystem=root.fs,

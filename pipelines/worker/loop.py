@@ -141,18 +141,18 @@ def train(job: WorkerJob) -> None:
 def start(job: WorkerJob) -> tuple[Loop, State]:
     """This start of the worker group: the state where the run left off (or its initial
     weights), the wrapped model, the step, and rank 0's reporting."""
-    cfg, task, row = job.cfg, task_of(job.cfg), job.cfg.accelerator
-    worker, placement = start_worker(row, cfg.train.precision)
+    cfg, task, accelerator = job.cfg, task_of(job.cfg), job.cfg.accelerator
+    worker, placement = start_worker(accelerator, cfg.train.precision)
     sched = Schedule.of(cfg, job.num_images, worker.world)
-    state = build_state(cfg, row, worker.device, sched.peak_lr, job.num_classes)
+    state = build_state(cfg, accelerator, worker.device, sched.peak_lr, job.num_classes)
     state.micro_batch_images = cfg.train.batch_size * worker.world
     ckpt, source = starting_checkpoint(cfg.run)
     if ckpt is None:
         source = task.initial_weights(state.model, cfg, read_pretrained)
     restore(state, ckpt, sched.steps_per_epoch, task)
-    if cfg.train.compile and not row.compiles:
-        logger.warning("train.compile: torch.compile is not supported on %s; running eager", row.device_type)
-    model = wrap_model(state.model, cfg.train.compile and row.compiles, worker.world)
+    if cfg.train.compile and not accelerator.compiles:
+        logger.warning("train.compile: torch.compile is not supported on %s; running eager", accelerator.device_type)
+    model = wrap_model(state.model, cfg.train.compile and accelerator.compiles, worker.world)
     size = cfg.model.input_size  # the CPU's batches are normalised into one tensor, reused
     inputs = torch.empty((cfg.train.batch_size, 3, size, size)) if worker.device.type == "cpu" else None
     step = StepConfig(worker.device, cfg.model.mask_ratio, sched.accum_iter, AMP_DTYPES[cfg.train.precision],
@@ -203,13 +203,13 @@ def validate(loop: Loop, state: State, val, metrics: dict) -> bool:
     return best is metrics
 
 
-def start_worker(row: Accelerator, precision: str) -> tuple[Worker, dict]:
+def start_worker(accelerator: Accelerator, precision: str) -> tuple[Worker, dict]:
     """This worker's rank and device (already prepared before init_process_group; idempotent),
     and where it runs, logged."""
     ctx = ray.train.get_context()
-    device = prepare_device(row, ctx.get_local_rank())
-    if precision == "bf16" and not row.supports_bf16():
-        raise FatalError(f"train.precision=bf16: this {row.device_type} device does not support bf16; use fp16")
+    device = prepare_device(accelerator, ctx.get_local_rank())
+    if precision == "bf16" and not accelerator.supports_bf16():
+        raise FatalError(f"train.precision=bf16: this {accelerator.device_type} device does not support bf16; use fp16")
     worker = Worker(ctx.get_world_rank(), ctx.get_world_size(), device)
     placement = worker_placement(worker.rank, device)
     logger.info("rank %d: pid %d on %s, device %s, Ray resources %s", worker.rank, placement["pid"],

@@ -39,7 +39,7 @@ class State:
     best: dict | None = None  # classification: the epoch of the best validation top-1 so far, and its metrics
 
 
-def build_state(cfg: Config, row: Accelerator, device: torch.device, lr: float,
+def build_state(cfg: Config, accelerator: Accelerator, device: torch.device, lr: float,
                 num_classes: int | None = None) -> State:
     """Fresh weights (seeded by `train.seed`), the task's optimizer at `lr` and the gradient
     scaler (on for fp16): the task's model and optimizer (pipelines/worker/tasks.py), of
@@ -48,7 +48,7 @@ def build_state(cfg: Config, row: Accelerator, device: torch.device, lr: float,
     torch.manual_seed(cfg.train.seed)
     net = task.model(cfg, num_classes).to(device)
     optimizer = task.optimizer(net, cfg, lr, fused=device.type == "cuda")
-    return State(net, optimizer, row.make_scaler(enabled=cfg.train.precision == "fp16"))
+    return State(net, optimizer, accelerator.make_scaler(enabled=cfg.train.precision == "fp16"))
 
 
 def read_resume_from(run: RunConfig) -> tuple[dict, str]:
