@@ -15,13 +15,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
 from cluster.storage import open_storage  # noqa: E402
+from pipelines.common.checkpoints import add_s3_options  # noqa: E402
 from pipelines.output.run_files import best_epoch, read_jsonl  # noqa: E402
 
 
-def best_of(run_dir: str) -> dict | None:
-    """{run, task, start, epochs, best_epoch, val_top1, val_top5} of a run, or None when no
-    epoch of it was evaluated."""
-    storage = open_storage(run_dir)
+def best_of(run_dir: str, s3_endpoint: str | None = None, s3_region: str | None = None,
+            s3_credentials_file: str | None = None) -> dict | None:
+    """{run, task, start, epochs, best_epoch, val_top1, val_top5} of a run (a local path or
+    s3://), or None when no epoch of it was evaluated."""
+    storage = open_storage(run_dir, s3_endpoint, s3_region, s3_credentials_file)
     evaluated = [m for m in read_jsonl(storage, "metrics.jsonl") if "val_top1" in m]
     best = best_epoch(evaluated)
     if best is None:
@@ -35,11 +37,16 @@ def best_of(run_dir: str) -> dict | None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", nargs="+", help="run directories of pipelines/finetune.py or linprobe.py")
+    ap.add_argument("runs", nargs="+", help="run directories of pipelines/finetune.py or linprobe.py (local or s3://)")
+    add_s3_options(ap, "the run directories")
     args = ap.parse_args(argv)
     rows = []
     for run in args.runs:
-        row = best_of(run)
+        try:
+            row = best_of(run, args.s3_endpoint, args.s3_region, args.s3_credentials_file)
+        except (OSError, ValueError) as e:  # unreadable (S3), or a credentials file refused
+            print(f"error: {run}: {e}", file=sys.stderr)
+            return 2
         if row is None:
             print(f"error: {run} has no evaluated epoch (metrics.jsonl without val_top1)", file=sys.stderr)
             return 2

@@ -110,3 +110,24 @@ def test_visualize_and_the_evaluate_actors_read_an_s3_checkpoint(s3_run, s3_serv
              "path": np.array([str(images / "images" / "0.JPEG")])}
     assert features(batch)["features"].shape == (1, 64)
     assert torch.equal(features.model.cls_token, tiny_checkpoint(2)["model"]["cls_token"])
+
+
+def test_results_reads_the_best_epoch_of_run_directories_on_s3(s3_server, capsys):
+    """results.py, like every command that takes a run directory, takes an s3:// one."""
+    import json
+
+    import yaml
+
+    from pipelines import results
+    uri = f"s3://runs/{uuid.uuid4().hex}/ft"
+    store = open_storage(uri, s3_server)
+    epochs = [{"epoch": e, "train_loss": 1.0, "val_top1": top1, "val_top5": 90.0 + e} for e, top1 in
+              enumerate([50.0, 80.0, 80.0, 70.0])]
+    store.write("metrics.jsonl", "".join(json.dumps(m) + "\n" for m in epochs))
+    store.write("config.yaml", yaml.safe_dump({"train": {"task": "finetune"}, "model": {"checkpoint": None}}))
+    assert results.main([uri, "--s3-endpoint", s3_server]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])[0]
+    assert (row["task"], row["start"], row["best_epoch"], row["val_top1"], row["epochs"]) == \
+        ("finetune", "random init", 1, 80.0, 4)  # the first of equal epochs
+    assert results.main([f"s3://runs/{uuid.uuid4().hex}/none", "--s3-endpoint", s3_server]) == 2
+    assert "has no evaluated epoch" in capsys.readouterr().err

@@ -64,13 +64,18 @@ def read_checkpoint(uri: str, endpoint: str | None = None, region: str | None = 
 
 def add_checkpoint_options(ap: argparse.ArgumentParser, what: str) -> None:
     """A command's --checkpoint (`what`: what it may name) and the S3 settings it is read
-    with. Keys never go on a command line: they come from a credentials file or the usual
-    AWS environment."""
+    with (`add_s3_options`)."""
     ap.add_argument("--checkpoint", required=True, help=f"{what}; a local path or s3://bucket/prefix")
-    ap.add_argument("--s3-endpoint", help="--checkpoint on an S3-compatible store (MinIO, Ceph): its URL, "
+    add_s3_options(ap, "--checkpoint")
+
+
+def add_s3_options(ap: argparse.ArgumentParser, what: str) -> None:
+    """The S3 settings a command reads `what` with. Keys never go on a command line: they
+    come from a credentials file or the usual AWS environment."""
+    ap.add_argument("--s3-endpoint", help=f"{what} on an S3-compatible store (MinIO, Ceph): its URL, "
                                           "e.g. http://127.0.0.1:9000")
-    ap.add_argument("--s3-region", help="--checkpoint on S3: the bucket's region")
+    ap.add_argument("--s3-region", help=f"{what} on S3: the bucket's region")
     ap.add_argument("--s3-credentials-file",
-                    help="--checkpoint on S3: an AWS shared-credentials file, mode 600 ([default] with "
+                    help=f"{what} on S3: an AWS shared-credentials file, mode 600 ([default] with "
                          "aws_access_key_id and aws_secret_access_key); default: the AWS environment variables, "
                          "config files or instance role")

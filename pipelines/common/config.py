@@ -23,6 +23,7 @@ from cluster.storage import (
     open_storage,
     read_credentials,
 )
+from pipelines.common.checkpoints import locate_checkpoint
 from pipelines.common.schedule import Schedule
 
 if TYPE_CHECKING:
@@ -644,6 +645,29 @@ def head_classes(cfg: Config, data_classes: Sequence[str]) -> int:
     if num_classes < 2:
         raise ConfigError("model.num_classes: the data names no classes (no class folders or classes.json); set it")
     return num_classes
+
+
+def check_pretrained(cfg: Config) -> None:
+    """Fine-tuning and linear probing: `model.checkpoint` (a file, or a run directory's latest
+    checkpoint) exists and can be read, before any work starts."""
+    if not cfg.model.checkpoint:
+        return
+    r = cfg.run
+    try:
+        locate_checkpoint(cfg.model.checkpoint, r.s3_endpoint, r.s3_region, r.s3_credentials_file, "model.checkpoint")
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    except OSError as e:
+        raise ConfigError(f"model.checkpoint: cannot read {cfg.model.checkpoint}: {e}") from None
+
+
+def check_run_storage(cfg: Config) -> None:
+    """The run directory is writable: write the resolved config into it."""
+    storage = cfg.run_storage()
+    try:
+        storage.write("config.yaml", to_yaml(cfg))
+    except OSError as e:
+        raise ConfigError(f"run.storage_path: cannot write the run directory {storage.uri}: {e}") from None
 
 
 def to_yaml(cfg: Config) -> str:

@@ -22,9 +22,10 @@ from pipelines.common.config import (
     ConfigError,
     DataConfig,
     check_epoch,
+    check_pretrained,
+    check_run_storage,
     head_classes,
     load_config,
-    to_yaml,
 )
 from pipelines.common.errors import one_line
 from pipelines.data.demo_data import write_digits
@@ -33,7 +34,7 @@ from pipelines.data.stream import image_stream, training_stream
 from pipelines.driver.trainer import build_trainer
 from pipelines.output.console import Follow
 from pipelines.output.run_files import best_epoch, ended_by, read_jsonl
-from pipelines.worker.state import BEST, locate_pretrained
+from pipelines.worker.state import BEST
 from pipelines.worker.tasks import task_of
 
 
@@ -94,22 +95,8 @@ def prepare_classes(cfg: Config, train: Source) -> Classes:
                         f"images {len(train.classes)} (first differing: "
                         f"{sorted(set(val.classes) ^ set(train.classes))[:3]}); their labels would not match")
     num_classes = head_classes(cfg, train.classes)
-    if cfg.model.checkpoint:
-        try:
-            locate_pretrained(cfg)
-        except (FileNotFoundError, OSError) as e:
-            raise ConfigError(str(e) if isinstance(e, FileNotFoundError) else
-                              f"model.checkpoint: cannot read {cfg.model.checkpoint}: {e}") from None
+    check_pretrained(cfg)
     return Classes(val, num_classes)
-
-
-def check_storage(cfg: Config) -> None:
-    """The run directory is writable: write the resolved config into it."""
-    storage = cfg.run_storage()
-    try:
-        storage.write("config.yaml", to_yaml(cfg))
-    except OSError as e:
-        raise ConfigError(f"run.storage_path: cannot write the run directory {storage.uri}: {e}") from None
 
 
 def failure_lines(e: ray.train.TrainingFailedError, run_dir) -> list[str]:
@@ -173,7 +160,7 @@ def start_ray(verbose: bool) -> None:
 def preflight(cfg: Config) -> None:
     """The run directory is writable and the cluster can ever hold the workers."""
     accelerator, s = cfg.accelerator, cfg.scaling
-    check_storage(cfg)
+    check_run_storage(cfg)
     if s.preflight:
         check_cluster(accelerator, cfg.worker_counts[0], accelerator.worker_resources(s.cpus_per_worker),
                       cfg.data.min_cpus)

@@ -14,10 +14,10 @@ import ray.train
 import torch
 
 from cluster.accelerators import Accelerator
-from cluster.storage import Storage, open_storage
+from cluster.storage import open_storage
 from mae.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from mae.export import HF_CONFIG, HF_WEIGHTS, read_hf
-from pipelines.common.checkpoints import locate_checkpoint, read_checkpoint
+from pipelines.common.checkpoints import read_checkpoint
 from pipelines.common.config import Config, RunConfig
 from pipelines.common.errors import FatalError
 from pipelines.worker.tasks import Classify, Pretrain, task_of
@@ -79,17 +79,10 @@ def starting_checkpoint(run: RunConfig) -> tuple[dict | None, str]:
     return None, "fresh weights"
 
 
-def locate_pretrained(cfg: Config) -> tuple[Storage, str]:
-    """(storage, file name) of the checkpoint `model.checkpoint` names (fine-tuning, linear
-    probing): see `locate_checkpoint`, with the run's S3 settings."""
-    r = cfg.run
-    return locate_checkpoint(cfg.model.checkpoint, r.s3_endpoint, r.s3_region, r.s3_credentials_file,
-                             "model.checkpoint")
-
-
 def read_pretrained(cfg: Config) -> dict:
-    """The checkpoint dict `locate_pretrained` finds; a FatalError (a restart would meet it
-    again) when it is missing or gone."""
+    """The checkpoint dict `model.checkpoint` names (a file, or a run directory's latest
+    checkpoint, with the run's S3 settings); a FatalError (a restart would meet it again)
+    when it is missing or gone."""
     r = cfg.run
     try:
         return read_checkpoint(cfg.model.checkpoint, r.s3_endpoint, r.s3_region, r.s3_credentials_file,
