@@ -34,7 +34,7 @@ def end_attempt(storage: Storage, error: str, job_id: str) -> None:
 
 def ended_by(storage: Storage, job_id: str) -> str | None:
     """The error that ended Ray job `job_id`'s run of this directory, if one did (a restart
-    after it stops at once: see train_loop.train_loop_per_worker)."""
+    after it stops at once: see pipelines/worker/loop.py: train_loop_per_worker)."""
     attempts = read_jsonl(storage, "attempts.jsonl")
     last = attempts[-1] if attempts else {}
     return last.get("error") if last.get("job_id") == job_id else None
