@@ -1,5 +1,6 @@
 """Running as users do on a cluster: `ray job submit`, stop and re-submit, a worker killed,
-resources that can never fit, checkpoints on an S3-compatible store, resume_from."""
+resources that can never fit, checkpoints on an S3-compatible store, resume_from (from a
+mid-epoch checkpoint on S3, and from an official encoder-only .pth: test_console.py)."""
 import json
 import os
 import re
@@ -10,11 +11,9 @@ import time
 
 import pyarrow.fs as pafs
 import pytest
-import torch
 
 from conftest import (RAY, ROOT, SDAA_UNITS, checkpoint_dirs, read_jsonl, registered_checkpoints, run_pretrain,
                       wait_for)
-from mae import create_model
 from mae.recipe import lr_at
 
 pytestmark = pytest.mark.slow
@@ -117,46 +116,24 @@ def test_checkpoints_on_s3_kept_bounded_resumed_and_resumed_from(ray_cluster, s3
     assert not any("step_000000010" in o for o in objects)  # only the 2 latest checkpoints are kept
     assert any(o.startswith("tensorboard/events.out.tfevents.") for o in objects)
 
-    second = run_pretrain(*s3, "train.epochs=2")
+    # run.resume_from an s3:// mid-epoch checkpoint into a new local run: it continues at that
+    # step, with the lr of its fractional epoch
+    fork = run_pretrain(f"data.path={digits}", f"run.storage_path={tmp_path}", "run.name=fork", "train.epochs=1",
+                        "optim.warmup_epochs=0.5", f"run.s3_endpoint={s3_server}",
+                        "run.resume_from=s3://runs/team/s3run/checkpoint_epoch_0000_step_000000020/checkpoint.pth")
+    assert fork.returncode == 0, fork.stdout[-3000:] + fork.stderr[-3000:]
+    assert "from epoch 0, micro-batch 20 (step 20; run.resume_from=s3://" in fork.stdout + fork.stderr
+    steps = read_jsonl(tmp_path / "fork" / "steps.jsonl")
+    assert [s["step"] for s in steps] == [21, 22]
+    assert steps[0]["epoch"] == pytest.approx(20 / 22)
+    assert steps[0]["lr"] == pytest.approx(lr_at(20 / 22, 2.5e-4, 0.0, 0.5, 1))
+    assert [m["epoch"] for m in read_jsonl(tmp_path / "fork" / "metrics.jsonl")] == [0]
+
+    second = run_pretrain(*s3, "train.epochs=2")  # the S3 run resumed, its older checkpoints pruned
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    fs, objects = _s3_objects(s3_server, "runs/team/s3run")
+    assert not any("step_000000020" in o for o in objects)
     with fs.open_input_stream("runs/team/s3run/metrics.jsonl") as f:
         assert [json.loads(line)["epoch"] for line in f.read().decode().splitlines()] == [0, 1]
     with fs.open_input_stream("runs/team/s3run/steps.jsonl") as f:
         assert [json.loads(line)["step"] for line in f.read().decode().splitlines()] == list(range(1, 45))
-
-    # run.resume_from an s3:// checkpoint into a new local run
-    third = run_pretrain(f"data.path={digits}", f"run.storage_path={tmp_path}", "run.name=fork", "train.epochs=3",
-                         "optim.warmup_epochs=0.5", f"run.s3_endpoint={s3_server}",
-                         "run.resume_from=s3://runs/team/s3run/checkpoint_epoch_0001_step_000000044/checkpoint.pth")
-    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
-    assert "from epoch 2, micro-batch 0 (step 44; run.resume_from=s3://" in third.stdout + third.stderr
-    assert [s["step"] for s in read_jsonl(tmp_path / "fork" / "steps.jsonl")] == list(range(45, 67))
-
-
-def test_resume_from_mid_epoch_checkpoint_continues_at_that_step(ray_cluster, digits, tmp_path):
-    first = run_pretrain(f"data.path={digits}", f"run.storage_path={tmp_path}", "run.name=a", "train.epochs=1",
-                         "optim.warmup_epochs=0.5", "train.checkpoint_every_steps=10")
-    assert first.returncode == 0, first.stderr[-3000:]
-    mid = tmp_path / "a" / "checkpoint_epoch_0000_step_000000020" / "checkpoint.pth"
-    second = run_pretrain(f"data.path={digits}", f"run.storage_path={tmp_path}", "run.name=b", "train.epochs=1",
-                          "optim.warmup_epochs=0.5", f"run.resume_from={mid}")
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "from epoch 0, micro-batch 20 (step 20; run.resume_from=" in second.stdout + second.stderr
-    steps = read_jsonl(tmp_path / "b" / "steps.jsonl")
-    assert [s["step"] for s in steps] == [21, 22]
-    assert steps[0]["epoch"] == pytest.approx(20 / 22)
-    assert steps[0]["lr"] == pytest.approx(lr_at(20 / 22, 2.5e-4, 0.0, 0.5, 1))
-    assert [m["epoch"] for m in read_jsonl(tmp_path / "b" / "metrics.jsonl")] == [0]
-
-
-def test_resume_from_official_encoder_only_checkpoint(ray_cluster, digits, tmp_path):
-    torch.manual_seed(3)
-    state = create_model("mae_vit_tiny_patch4", img_size=16).state_dict()
-    encoder_only = {k: v for k, v in state.items() if not k.startswith("decoder") and k != "mask_token"}
-    torch.save({"model": encoder_only}, tmp_path / "mae_pretrain_vit_tiny.pth")
-    result = run_pretrain(f"data.path={digits}", f"run.storage_path={tmp_path}", "run.name=official",
-                          "train.epochs=1", "optim.warmup_epochs=0.5", f"run.resume_from={tmp_path / 'mae_pretrain_vit_tiny.pth'}")
-    out = result.stdout + result.stderr
-    assert result.returncode == 0, out[-3000:]
-    assert "checkpoint holds the encoder only; newly initialised: mask_token, decoder_pos_embed" in out
-    assert "from epoch 0, micro-batch 0 (step 0; run.resume_from=" in out

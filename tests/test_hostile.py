@@ -307,14 +307,17 @@ def hostile_shards(folder) -> int:
 @pytest.mark.slow
 def test_hostile_data_is_skipped_and_counted_exactly_every_epoch(ray_cluster, tmp_path):
     """Bombs, garbage and a truncated shard: the run goes on, and each epoch counts exactly
-    the 21 images it could not use, wherever they fell (the last, dropped batch included)."""
+    the 21 images it could not use, wherever they fell (the last, dropped batch included).
+    Run with --verbose, whose console shows everything Ray's processes print."""
     from conftest import read_jsonl, run_pretrain
     skipped = hostile_shards(tmp_path / "data")
     result = run_pretrain("data.format=webdataset", f"data.path={tmp_path / 'data'}", "data.decode_batch_size=16",
                           f"run.storage_path={tmp_path}", "run.name=hostile", "train.epochs=2",
                           "optim.warmup_epochs=0.5", "train.batch_size=16", "scaling.num_workers=1",
-                          "run.max_failures=-1")
+                          "run.max_failures=-1", "--verbose")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout + result.stderr  # --verbose: everything Ray prints, as Ray does by default
+    assert "(RayTrainWorker pid=" in out and "epoch 0 done: train_loss" in out
     metrics = read_jsonl(tmp_path / "hostile" / "metrics.jsonl")
     assert [m["skipped_images"] for m in metrics] == [skipped, skipped]
     assert [m["decoded_images"] for m in metrics] == [100, 100]  # every sample the shards promised

@@ -1,4 +1,5 @@
-"""The real entry point on the shared local Ray cluster: train, resume, extend, stop on NaN."""
+"""The real entry point on the shared local Ray cluster: train, resume, extend, stop on NaN;
+the run and its resubmission tracked in one MLflow run on the suite's real MLflow server."""
 import re
 
 import pytest
@@ -15,17 +16,38 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def run(ray_cluster, digits, tmp_path_factory):
+def run(ray_cluster, digits, tmp_path_factory, mlflow_server):
+    """One run of 2 epochs, tracked in MLflow, then its resubmission extended to 3 epochs
+    with TensorBoard on; what the first left (its files, its MLflow run) is kept aside."""
     storage = tmp_path_factory.mktemp("runs")
-    common = [f"data.path={digits}", f"run.storage_path={storage}", "run.name=e2e"]
+    common = [f"data.path={digits}", f"run.storage_path={storage}", "run.name=e2e",
+              f"run.mlflow_tracking_uri={mlflow_server}", "run.mlflow_experiment=mae-tests"]
     first = pretrain(*common)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     first_metrics = jsonl(storage / "e2e" / "metrics.jsonl")
     first_steps = jsonl(storage / "e2e" / "steps.jsonl")
+    first_mlflow = mlflow_view(mlflow_server, storage / "e2e")
     second = pretrain(*common, "train.epochs=3", "run.tensorboard=true")
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     return dict(dir=storage / "e2e", first=first, first_metrics=first_metrics, first_steps=first_steps,
-                second=second)
+                first_mlflow=first_mlflow, second=second, mlflow=mlflow_server)
+
+
+def mlflow_view(server: str, run_dir) -> dict:
+    """What the MLflow server holds of the run in `run_dir` (its id from mlflow.json)."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+    run_id = json.loads((run_dir / "mlflow.json").read_text())["run_id"]
+    client = MlflowClient(tracking_uri=server)
+    run = client.get_run(run_id)
+    artifacts = {a.path for a in client.list_artifacts(run_id)} | {a.path for a in
+                                                                   client.list_artifacts(run_id, "reconstructions")}
+    loss = client.get_metric_history(run_id, "loss")
+    return dict(run_id=run_id, run=run, artifacts=artifacts, loss_steps=[m.step for m in loss],
+                loss={m.step: m.value for m in loss},
+                epochs=[m.value for m in client.get_metric_history(run_id, "epoch")],
+                runs_in_experiment=len(client.search_runs([run.info.experiment_id])))
 
 
 def test_two_workers_two_epochs_write_checkpoints_and_logs(run):
@@ -112,3 +134,22 @@ def test_non_finite_loss_stops_with_step_and_saves_nothing(ray_cluster, digits, 
     assert checkpoints(tmp_path / "nan") == []
     assert not (tmp_path / "nan" / "metrics.jsonl").exists()
     assert len(jsonl(tmp_path / "nan" / "attempts.jsonl")) == 1  # started once, never restarted
+
+
+def test_a_run_and_its_resubmission_log_into_one_mlflow_run(run):
+    first, steps_per_epoch = run["first_mlflow"], (1438 // 2) // 32
+    assert first["run"].info.status == "FINISHED" and first["run"].info.run_name == "e2e"
+    assert first["run"].data.params["model.name"] == "mae_vit_tiny_patch4"
+    assert first["run"].data.params["train.epochs"] == "2"
+    assert first["run"].data.tags["mae.run_dir"] == str(run["dir"])
+    assert first["loss_steps"] == list(range(1, 2 * steps_per_epoch + 1))
+    assert {"loss_curve.png", "reconstructions/epoch_0000.png"} <= first["artifacts"]
+    # the resubmission resumed the run, and its MLflow run
+    second = mlflow_view(run["mlflow"], run["dir"])
+    assert second["run_id"] == first["run_id"]
+    assert second["epochs"] == [0.0, 1.0, 2.0]
+    assert second["loss_steps"] == list(range(1, 3 * steps_per_epoch + 1))
+    steps = jsonl(run["dir"] / "steps.jsonl")
+    assert all(second["loss"][s["step"]] == pytest.approx(s["loss"]) for s in steps)  # the figures of steps.jsonl
+    assert second["run"].info.status == "FINISHED"
+    assert second["runs_in_experiment"] == 1
