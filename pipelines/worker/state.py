@@ -1,5 +1,6 @@
 """What a training worker saves and restores: model, optimizer, scaler and the position in
-the run (epoch, images of it done, optimizer steps done), and how it writes checkpoints.
+the run (epoch, images of it done, optimizer steps done); the checkpoints are written by
+pipelines/worker/checkpointing.py.
 
 Where a run starts from, in this order: the run's own latest checkpoint (Ray Train's
 `get_checkpoint()`, after a re-submission or a worker failure), else `run.resume_from` (a
