@@ -310,10 +310,18 @@ def normalize_on_device(images: torch.Tensor, device: torch.device, dtype=torch.
     return out.sub_(mean).mul_(inv_std)
 
 
-def eval_resize_crop(img: torch.Tensor, size: int, crop_pct: float = 224 / 256) -> torch.Tensor:
-    """uint8 [3, H, W] -> uint8 [size, size, 3]: resize the short side to size / crop_pct
+def eval_short_side(size: int) -> int:
+    """The short side the evaluation view resizes to before its centre crop, as the official
+    `util/datasets.py` computes it: `int(size / crop_pct)`, crop_pct 224/256 up to 224 px
+    (256 for 224, 36 for 32) and 1.0 above (384 and 448 resize to the input size, no crop)."""
+    crop_pct = 224 / 256 if size <= 224 else 1.0
+    return int(size / crop_pct)
+
+
+def eval_resize_crop(img: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [3, H, W] -> uint8 [size, size, 3]: resize the short side to `eval_short_side`
     (bicubic), centre crop; the deterministic view used for evaluation and figures."""
-    short = int(round(size / crop_pct))
+    short = eval_short_side(size)
     out = TF.resize(img, short, interpolation=InterpolationMode.BICUBIC, antialias=True)
     return TF.center_crop(out, [size, size]).permute(1, 2, 0)
 

@@ -11,7 +11,8 @@ random erasing, Mixup / CutMix with label smoothing, warmup then cosine.
 model.checkpoint: a run directory of ours (its latest checkpoint), a checkpoint file of ours
 or an official .pth (mae_pretrain_vit_base.pth); null starts from random weights. After every
 epoch the validation images (imagefolder `val/`, or data.val_path's shards) are evaluated
-(resize to input_size / 0.875, bicubic, centre crop): val_top1 / val_top5 in metrics.jsonl,
+(as the official code: resize to int(input_size / 0.875) up to 224 px, to input_size
+above, bicubic, centre crop): val_top1 / val_top5 in metrics.jsonl,
 the best epoch's checkpoint kept as best/checkpoint.pth. Everything else is as
 pipelines/pretrain.py: resume by submitting again, restarts after a worker loss, mid-epoch
 checkpoints, S3, preflight, the accelerators table, bf16/fp16.

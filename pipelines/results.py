@@ -3,9 +3,10 @@ side by side: what `make demo` prints after its fine-tunes and linear probe.
 
     python pipelines/results.py runs/demo_finetune runs/demo_finetune_random_init runs/demo_linprobe
 
-Each argument is a run directory (local or s3://) holding metrics.jsonl. One line per run:
-its task, where its weights started, its best top-1 and top-5 and at which epoch. The last
-line is a JSON list of the same. Exit status 2 when a run has no evaluated epoch.
+Each argument is a run directory (local or s3://) holding metrics.jsonl. A table, one row
+per run: its task, where its weights started, its best top-1 and top-5 and at which epoch;
+then where each run's loss curve is. `--json`: the same rows as one JSON list instead. Exit
+status 2 when a run has no evaluated epoch.
 """
 import argparse
 import json
@@ -38,6 +39,7 @@ def best_of(run_dir: str, s3_endpoint: str | None = None, s3_region: str | None 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="run directories of pipelines/finetune.py or linprobe.py (local or s3://)")
+    ap.add_argument("--json", action="store_true", help="print the rows as one JSON list instead of a table")
     add_s3_options(ap, "the run directories")
     args = ap.parse_args(argv)
     rows = []
@@ -51,12 +53,28 @@ def main(argv=None) -> int:
             print(f"error: {run} has no evaluated epoch (metrics.jsonl without val_top1)", file=sys.stderr)
             return 2
         rows.append(row)
-    width = max(len(r["run"]) for r in rows)
-    for r in rows:
-        print(f"{r['run']:<{width}}  {r['task']:<8}  from {r['start']:<24}  best top-1 {r['val_top1']:6.2f}%  "
-              f"top-5 {r['val_top5']:6.2f}%  (epoch {r['best_epoch']} of {r['epochs']})")
-    print(json.dumps(rows))
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        print(table(rows))
     return 0
+
+
+def table(rows: list[dict]) -> str:
+    """The rows as a table for a person, then where each run's loss curve is."""
+    head = ["run", "task", "start", "best top-1", "top-5", "best epoch"]
+    body = [[r["run"], r["task"] or "?", r["start"], f"{r['val_top1']:.2f}%", f"{r['val_top5']:.2f}%",
+             f"{r['best_epoch']} of {r['epochs']}"] for r in rows]
+    widths = [max(len(line[i]) for line in [head, *body]) for i in range(len(head))]
+    right = {3, 4}  # the figures, aligned on their decimal point
+
+    def line(cells):
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in
+                         enumerate(zip(cells, widths))).rstrip()
+
+    curves = [f"  {r['run'].rstrip('/')}/loss_curve.png" for r in rows]
+    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body), "",
+                      "Training loss and validation accuracy per epoch, as plots:", *curves])
 
 
 if __name__ == "__main__":

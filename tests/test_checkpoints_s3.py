@@ -125,9 +125,14 @@ def test_results_reads_the_best_epoch_of_run_directories_on_s3(s3_server, capsys
               enumerate([50.0, 80.0, 80.0, 70.0])]
     store.write("metrics.jsonl", "".join(json.dumps(m) + "\n" for m in epochs))
     store.write("config.yaml", yaml.safe_dump({"train": {"task": "finetune"}, "model": {"checkpoint": None}}))
-    assert results.main([uri, "--s3-endpoint", s3_server]) == 0
-    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])[0]
+    assert results.main([uri, "--s3-endpoint", s3_server, "--json"]) == 0
+    [row] = json.loads(capsys.readouterr().out)
     assert (row["task"], row["start"], row["best_epoch"], row["val_top1"], row["epochs"]) == \
         ("finetune", "random init", 1, 80.0, 4)  # the first of equal epochs
+    assert results.main([uri, "--s3-endpoint", s3_server]) == 0  # for a person: a table, no JSON
+    head, rule, line, blank, plots, curve = capsys.readouterr().out.splitlines()
+    assert head.split() == ["run", "task", "start", "best", "top-1", "top-5", "best", "epoch"] and set(rule) <= {"-", " "}
+    assert line.split() == [uri, "finetune", "random", "init", "80.00%", "91.00%", "1", "of", "4"]
+    assert plots.endswith("as plots:") and curve.strip() == f"{uri}/loss_curve.png"
     assert results.main([f"s3://runs/{uuid.uuid4().hex}/none", "--s3-endpoint", s3_server]) == 2
     assert "has no evaluated epoch" in capsys.readouterr().err

@@ -16,6 +16,7 @@ from mae.recipe import LARS, param_groups_lrd
 from mae.transforms import Augment, decode_crop_batch
 from pipelines.worker.tasks import Objective, evaluate
 from pipelines.common.config import load_config
+from conftest import PAPER_FINETUNE
 
 GOLDEN = Path(__file__).parent / "golden"
 PRESETS = {"vit_base_patch16": "mae_vit_base_patch16", "vit_large_patch16": "mae_vit_large_patch16",
@@ -112,7 +113,8 @@ def test_rand_augment_posterize_to_zero_bits_is_a_black_image_not_an_error():
 
 
 def _cfg(*overrides):
-    return load_config("configs/finetune_demo.yaml", ["data.path=/nonexistent", *overrides])
+    """The demo's fine-tuning config with the paper's regularisers back on."""
+    return load_config("configs/finetune_demo.yaml", ["data.path=/nonexistent", *PAPER_FINETUNE, *overrides])
 
 
 def test_mixup_cutmix_targets_are_soft_rows_summing_to_one_with_smoothing():

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import checkpoint_dirs as checkpoints
+from conftest import mlflow_view
 from conftest import read_jsonl as jsonl
 from conftest import run_pretrain as pretrain
 from mae import create_model
@@ -16,38 +17,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def run(ray_cluster, digits, tmp_path_factory, mlflow_server):
-    """One run of 2 epochs, tracked in MLflow, then its resubmission extended to 3 epochs
-    with TensorBoard on; what the first left (its files, its MLflow run) is kept aside."""
-    storage = tmp_path_factory.mktemp("runs")
-    common = [f"data.path={digits}", f"run.storage_path={storage}", "run.name=e2e",
-              f"run.mlflow_tracking_uri={mlflow_server}", "run.mlflow_experiment=mae-tests"]
-    first = pretrain(*common)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    first_metrics = jsonl(storage / "e2e" / "metrics.jsonl")
-    first_steps = jsonl(storage / "e2e" / "steps.jsonl")
-    first_mlflow = mlflow_view(mlflow_server, storage / "e2e")
-    second = pretrain(*common, "train.epochs=3", "run.tensorboard=true")
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    return dict(dir=storage / "e2e", first=first, first_metrics=first_metrics, first_steps=first_steps,
-                first_mlflow=first_mlflow, second=second, mlflow=mlflow_server)
-
-
-def mlflow_view(server: str, run_dir) -> dict:
-    """What the MLflow server holds of the run in `run_dir` (its id from mlflow.json)."""
-    import json
-
-    from mlflow.tracking import MlflowClient
-    run_id = json.loads((run_dir / "mlflow.json").read_text())["run_id"]
-    client = MlflowClient(tracking_uri=server)
-    run = client.get_run(run_id)
-    artifacts = {a.path for a in client.list_artifacts(run_id)} | {a.path for a in
-                                                                   client.list_artifacts(run_id, "reconstructions")}
-    loss = client.get_metric_history(run_id, "loss")
-    return dict(run_id=run_id, run=run, artifacts=artifacts, loss_steps=[m.step for m in loss],
-                loss={m.step: m.value for m in loss},
-                epochs=[m.value for m in client.get_metric_history(run_id, "epoch")],
-                runs_in_experiment=len(client.search_runs([run.info.experiment_id])))
+def run(pretrained_run):
+    """The suite's shared pretraining run (conftest.py): 2 epochs tracked in MLflow, then its
+    resubmission extended to 3 epochs with TensorBoard on."""
+    return pretrained_run
 
 
 def test_two_workers_two_epochs_write_checkpoints_and_logs(run):
