@@ -41,9 +41,16 @@ from ray.data._internal.execution.operators.map_operator import MapOperator  # n
 # `custom_execution_callback_classes` is public, its base class is not.
 from ray.data._internal.execution.execution_callback import ExecutionCallback  # noqa: E402
 
-# Ray Train, tested on 2.60.0 (Train V2). Public stand-in: `TorchConfig` without a hook that
-# runs on every worker before `init_process_group`.
-from ray.train.torch.config import _TorchBackend as TorchBackend  # noqa: E402
+
+def __getattr__(name: str):
+    """`TorchBackend`, imported on first use: Ray Data's decode tasks import this module, and
+    loading Ray Train there cost each decoder process a second of start-up."""
+    if name == "TorchBackend":
+        # Ray Train, tested on 2.60.0 (Train V2). Public stand-in: `TorchConfig` without a hook
+        # that runs on every worker before `init_process_group`.
+        from ray.train.torch.config import _TorchBackend
+        return _TorchBackend
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["BackpressurePolicy", "ExecutionCallback", "TorchBackend", "concurrency_cap", "executor_tasks_running",
            "hide_raylet_notices", "is_map_operator", "launchable_node_types", "output_bytes_held", "policy_config",

@@ -2,6 +2,13 @@
 
 Single-device PyTorch; this package never imports ray.
 """
-from mae.model import MaskedAutoencoderViT, create_model, list_models, register_preset
-
 __all__ = ["MaskedAutoencoderViT", "create_model", "list_models", "register_preset"]
+
+
+def __getattr__(name: str):
+    """The model's names, imported on first use: `mae.transforms` (on every decoder) needs
+    neither the model nor timm, whose import cost each decoder process a second."""
+    if name in __all__:
+        from mae import model
+        return getattr(model, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

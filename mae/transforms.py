@@ -18,7 +18,6 @@ import math
 import re
 import struct
 import warnings
-from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -27,6 +26,8 @@ from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
+
+from mae.view import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, PRETRAIN, Augment  # noqa: F401 (this module's too)
 
 try:
     import mae_jpeg_region as _jpeg_region
@@ -37,8 +38,6 @@ REGION_DECODE = _jpeg_region is not None
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-DEFAULT_MAX_PIXELS = 90_000_000  # height * width; well above any ImageNet image
-DEFAULT_MAX_BYTES = 64 * 2**20  # size of the encoded file
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _JPEG_MARKER = re.compile(rb"\xff[^\xff]")  # the last 0xFF of a run (fill bytes) and the marker's code
@@ -207,18 +206,6 @@ def jpeg_crop_flip(data: bytes, size: int, rng: np.random.Generator, scale=(0.2,
     return _resize_flip(region.permute(2, 0, 1), size, rng)
 
 
-@dataclass(frozen=True)
-class Augment:
-    """The random training view the decoders make of an image: RandomResizedCrop (bicubic,
-    area fraction in `scale`, aspect ratio 3/4 to 4/3), horizontal flip, then timm's
-    RandAugment `rand_augment` (e.g. rand-m9-mstd0.5-inc1) on the crop, with the hyper-
-    parameters timm's `create_transform` gives it (translation 45% of the side, fill the
-    ImageNet mean, bicubic)."""
-    scale: tuple[float, float] = (0.2, 1.0)
-    rand_augment: str | None = None
-
-
-PRETRAIN = Augment()  # the MAE paper's pretraining view
 
 
 def posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:

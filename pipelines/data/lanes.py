@@ -10,10 +10,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import ray
-import torch
 
 NAMES = ("train_even_epochs", "train_odd_epochs")  # the lanes' dataset names in Ray Train
-DTYPES = {"image": torch.uint8, "label": torch.int64, "skipped": torch.int8}  # of the batches' columns
+
+
+def __getattr__(name: str):
+    """`DTYPES`, the torch dtypes of the batches' columns, made on first use: the stream's
+    planning processes import this module and need no torch."""
+    if name == "DTYPES":
+        import torch
+        return {"image": torch.uint8, "label": torch.int64, "skipped": torch.int8}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)

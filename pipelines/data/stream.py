@@ -15,6 +15,8 @@ epoch's length stay whole. Each read task adds its count to the job's skip count
 (pipelines/data/skips.py), which training reads as `skipped_images` in metrics.jsonl. Anything
 else that fails in a read task is a DataError naming its unit: it ends the run once.
 """
+from __future__ import annotations
+
 import copy
 import logging
 import tarfile
@@ -22,21 +24,14 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import ray
 import ray.data
 
 from cluster import ray_compat
-from mae.transforms import (
-    DEFAULT_MAX_BYTES,
-    DEFAULT_MAX_PIXELS,
-    PRETRAIN,
-    REGION_DECODE,
-    Augment,
-    decode_crop_batch,
-)
-from pipelines.common.config import DataConfig
+from mae.view import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, PRETRAIN, Augment
 from pipelines.common.errors import one_line
 from pipelines.data.lanes import Lanes
 from pipelines.data.reading import (
@@ -53,6 +48,9 @@ from pipelines.data.reading import (
 )
 from pipelines.data.skips import skip_counter
 from pipelines.output.console import forward_to_driver
+
+if TYPE_CHECKING:
+    from pipelines.common.config import DataConfig
 
 logger = logging.getLogger(__name__)
 UNITS_PER_DECODER = 4  # read units per decode task allowed to run, at the least: a short tail
@@ -126,6 +124,7 @@ _warned_whole_image = False
 def warn_whole_image_decode() -> None:
     """Once per decode worker process whose node lacks the region decoder: say so."""
     global _warned_whole_image
+    from mae.transforms import REGION_DECODE
     if not REGION_DECODE and not _warned_whole_image:
         _warned_whole_image = True
         logger.warning("mae_jpeg_region is not built on %s (setup.py: needs a C compiler and libjpeg's headers, "
@@ -140,6 +139,7 @@ def decode_batch(blobs: list, labels: list, names: list, size: int, augment: Aug
     decode (or is None: lost by the reader, which logged it) is replaced in its place by a
     fresh crop of a decodable one of the batch, flagged in `skipped`; if none of the batch
     decodes, the batch is dropped (no rows)."""
+    from mae.transforms import decode_crop_batch  # torch: here, in the decode tasks, not where the stream is planned
     rng = np.random.default_rng()
     lost = [i for i, b in enumerate(blobs) if b is None]
     images, ok, errors = decode_crop_batch([b"" if b is None else b for b in blobs], size, rng, augment=augment,
