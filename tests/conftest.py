@@ -23,13 +23,27 @@ os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PAT
 # workers inherit them, as nodes of a real cluster have theirs.
 os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
                   AWS_EC2_METADATA_DISABLED="true")
+# Ray Train's controller polls its workers every 2 s by default, so a run's end (and each
+# start) was noticed up to 2 s late; the clusters the tests start poll every 0.5 s.
+os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
 SDAA_UNITS = 2  # the shared cluster advertises a custom `sdaa` resource, as SDAA nodes do
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, from this pytest worker's own range (below Linux's ephemeral ports,
+    above Ray's default worker ports): the suite's two workers (pytest-xdist, `make test`)
+    never pick the same one between choosing it and binding it."""
+    import random
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    low = 20000 + 5000 * (int(worker[2:]) % 2) if worker[2:].isdigit() else 20000
+    while True:
+        port = random.randrange(low, low + 5000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
 
 
 def stop_cluster(temp_dir: str) -> None:
@@ -56,10 +70,15 @@ def ray_cluster():
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     address, dashboard_port = f"127.0.0.1:{_free_port()}", _free_port()
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # every port its own (a free one, or the OS's choice for workers): `make test` runs two
+    # pytest workers, each with its cluster, and another suite may run on the machine; Ray's
+    # fixed defaults (the client server's 10001, the dashboard agent's 52365) would collide
     subprocess.run([RAY, "start", "--head", f"--port={address.split(':')[1]}", "--node-ip-address=127.0.0.1",
                     "--num-cpus=4", f"--resources={{\"sdaa\": {SDAA_UNITS}}}",
                     f"--object-store-memory={400 * 2**20}", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={dashboard_port}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+                    f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={_free_port()}",
+                    f"--dashboard-agent-listen-port={_free_port()}", "--min-worker-port=0", "--max-worker-port=0",
+                    f"--temp-dir={temp_dir}", "--disable-usage-stats"],
                    check=True, env=env, capture_output=True)
     os.environ["RAY_ADDRESS"] = address
     os.environ["MAE_TEST_RAY_TEMP_DIR"] = temp_dir  # its logs, for tests that read them
@@ -171,6 +190,15 @@ def registered_checkpoints(run_dir) -> list[str]:
     return [r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]]
 
 
+def add_broken_files_to(folder) -> int:
+    """Three undecodable .JPEG files (truncated, empty, text) in `folder`; returns 3."""
+    jpeg = next(folder.glob("*.JPEG")).read_bytes()
+    (folder / "truncated.JPEG").write_bytes(jpeg[:100])
+    (folder / "empty.JPEG").write_bytes(b"")
+    (folder / "text.JPEG").write_bytes(b"this is not an image\n")
+    return 3
+
+
 def wait_for(predicate, timeout: float, what: str):
     import time
     deadline = time.monotonic() + timeout
@@ -216,3 +244,21 @@ def mlflow_view(server: str, run_dir) -> dict:
                 loss={m.step: m.value for m in loss},
                 epochs=[m.value for m in client.get_metric_history(run_id, "epoch")],
                 runs_in_experiment=len(client.search_runs([run.info.experiment_id])))
+
+
+# `make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadgroup`): each test
+# module stays on one worker (its module-scoped fixtures are made once), modules that share a
+# session fixture stay together, and the modules are split in two halves of about equal
+# time, from the suite's own --durations (README).
+SHARED = {"test_pretrain_e2e": "pretrained_run", "test_finetune_e2e": "pretrained_run"}
+HALVES = {module: "half-a" for module in ("test_multinode", "test_cluster_e2e", "test_console", "test_evaluate",
+                                         "test_hf", "test_cluster", "test_lease")}
+HALVES.update({module: "half-b" for module in ("pretrained_run", "test_hostile", "test_sources", "test_benchmarks",
+                                              "test_plan", "test_export", "test_train_step")})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        group = HALVES.get(SHARED.get(module, module), SHARED.get(module, module))
+        item.add_marker(pytest.mark.xdist_group(group))

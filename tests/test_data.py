@@ -25,8 +25,9 @@ def test_decode_step_draws_fresh_crops_each_call(digits):
 def test_a_decoder_without_the_region_module_says_so_once(monkeypatch, caplog):
     import logging
 
+    from mae import transforms
     from pipelines.data import stream
-    monkeypatch.setattr(stream, "REGION_DECODE", False)  # as on a node where setup.py found no libjpeg headers
+    monkeypatch.setattr(transforms, "REGION_DECODE", False)  # as on a node where setup.py found no libjpeg headers
     monkeypatch.setattr(stream, "_warned_whole_image", False)
     with caplog.at_level(logging.WARNING):
         for _ in range(3):

@@ -37,6 +37,7 @@ def tiny_checkpoint(tmp_path):
     return path, model
 
 
+@pytest.mark.slow  # a whole command end to end on the cluster
 def test_evaluate_prints_linear_and_knn_top1_for_trained_and_random_init(ray_client, tmp_path, tiny_checkpoint,
                                                                          capsys):
     data = _stripes(tmp_path / "stripes")

@@ -5,6 +5,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import socket
 import struct
 import tarfile
@@ -361,12 +362,13 @@ def all_text_under(root) -> bytes:
 @pytest.mark.slow
 def test_no_credential_anywhere_after_an_s3_run(ray_cluster, s3_server, digits, tmp_path):
     """A known secret in the credentials file of an S3 data + S3 run: it is in no run file,
-    no checkpoint, no log, and not in the dashboard's Jobs or Train state APIs."""
+    no checkpoint, no log, and not in the dashboard's Jobs or Train state APIs. The same run
+    pretrains on WebDataset shards on S3 holding 3 undecodable files: counted, not trained on."""
     import urllib.request
 
     import subprocess
 
-    from conftest import RAY, ROOT
+    from conftest import RAY, ROOT, add_broken_files_to
     from pipelines.prepare_shards import convert
     _, dashboard = ray_cluster
     secret = f"Sekr3t-{uuid.uuid4().hex}"
@@ -375,7 +377,10 @@ def test_no_credential_anywhere_after_an_s3_run(ray_cluster, s3_server, digits, 
                      f"aws_secret_access_key = {secret}\n")
     os.chmod(creds, 0o600)
     prefix = f"runs/secret-{uuid.uuid4().hex[:8]}"
-    convert(str(digits), f"s3://{prefix}/data", "webdataset", shard_size=512 * 2**10, s3_endpoint=s3_server)
+    src = tmp_path / "digits"
+    shutil.copytree(digits, src)
+    bad = add_broken_files_to(src / "train" / "3")
+    convert(str(src), f"s3://{prefix}/data", "webdataset", shard_size=256 * 2**10, s3_endpoint=s3_server)
     cmd = [RAY, "job", "submit", f"--address={dashboard}", f"--working-dir={ROOT}", "--",
            "RAY_TRAIN_ENABLE_STATE_TRACKING=1", "python",  # the dashboard's Train view, as operators turn it on
            "pipelines/pretrain.py", "--config", "configs/debug.yaml", "data.format=webdataset",
@@ -389,6 +394,11 @@ def test_no_credential_anywhere_after_an_s3_run(ray_cluster, s3_server, digits, 
     run_files = [i.path for i in fs.get_file_info(pafs.FileSelector(f"{prefix}/runs", recursive=True))
                  if i.type == pafs.FileType.File]
     assert any(p.endswith("checkpoint.pth") for p in run_files) and any(p.endswith("config.yaml") for p in run_files)
+    assert "1441 training images in 10 classes in" in result.stdout  # 1,438 digits and 3 broken files
+    with fs.open_input_stream(f"{prefix}/runs/secret/metrics.jsonl") as f:
+        (metrics,) = [json.loads(line) for line in f.read().decode().splitlines()]
+    assert metrics["skipped_images"] == bad and metrics["steps"] == (1441 // 2) // 32
+    assert f"{prefix}/runs/secret/reconstructions/epoch_0000.png" in run_files
     for path in run_files:
         with fs.open_input_stream(path) as f:
             seen.append(f.read())

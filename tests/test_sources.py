@@ -11,6 +11,7 @@ import pyarrow.fs as pafs
 import pytest
 from PIL import Image
 
+from conftest import add_broken_files_to
 from mae.transforms import PRETRAIN, decode_rgb, eval_resize_crop
 from pipelines.common.config import DataConfig
 from pipelines.prepare_shards import convert, parse_size
@@ -207,31 +208,7 @@ def test_missing_or_empty_sources_are_named(tmp_path):
         open_source("imagefolder", str(tmp_path))
 
 
-@pytest.mark.slow
-def test_pretraining_on_webdataset_shards_on_s3_counts_skipped_images(ray_cluster, ray_client, s3_server, digits,
-                                                                       tmp_path):
-    from conftest import read_jsonl, run_pretrain
-    src = tmp_path / "digits"
-    shutil.copytree(digits, src)
-    bad = add_broken_files_to(src / "train" / "3")
-    convert(str(src), "s3://runs/digits-wds", "webdataset", shard_size=256 * 2**10, s3_endpoint=s3_server)
-    result = run_pretrain("data.format=webdataset", "data.path=s3://runs/digits-wds", f"data.s3_endpoint={s3_server}",
-                          f"run.storage_path={tmp_path}", "run.name=wds", "train.epochs=1", "optim.warmup_epochs=0.5")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "1441 training images in 10 classes in" in result.stdout
-    (metrics,) = read_jsonl(tmp_path / "wds" / "metrics.jsonl")
-    assert metrics["skipped_images"] == bad and metrics["steps"] == (1441 // 2) // 32
-    assert (tmp_path / "wds" / "reconstructions" / "epoch_0000.png").exists()
-
-
-def add_broken_files_to(folder) -> int:
-    jpeg = next(folder.glob("*.JPEG")).read_bytes()
-    (folder / "truncated.JPEG").write_bytes(jpeg[:100])
-    (folder / "empty.JPEG").write_bytes(b"")
-    (folder / "text.JPEG").write_bytes(b"this is not an image\n")
-    return 3
-
-
+@pytest.mark.slow  # a whole command end to end (its Ray Data pipeline, its own Ray)
 def test_ingest_benchmark_prints_both_rates(photos, tmp_path):
     import os
     import subprocess
