@@ -23,12 +23,13 @@ demo: install
 
 # two pytest workers (pytest-xdist), each with its own local Ray cluster: a run's start-up
 # leaves a core idle about a quarter of the time; tests/conftest.py groups the modules
+# (tests/xdist_compat.py)
 test: install
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=15 tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadscope --durations=15 tests
 
 # the inner loop: every test not marked slow (no end-to-end run)
 test-fast: install
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not slow" --durations=10 tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadscope -m "not slow" --durations=10 tests
 
 clean:
 	rm -rf $(VENV) .demo_data

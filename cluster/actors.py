@@ -13,9 +13,14 @@ def job_actor(actor_class, prefix: str):
     the actor with it, and every restart of the worker group would meet the dead handle the
     stream holds. The handle is kept for the life of this process: a named actor whose
     handles are all dropped dies, and a later `get_if_exists` could return it dying (a call on
-    it then fails with ActorDiedError)."""
+    it then fails with ActorDiedError).
+
+    If its process dies (killed, out of memory) Ray restarts it, empty, and retries the calls
+    that were in flight: what it held is lost, the job goes on; each actor class says what a
+    restart costs it."""
     name = f"{prefix}-{ray.get_runtime_context().get_job_id()}"
     if name not in _handles:
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        _handles[name] = actor_class.options(name=name, get_if_exists=True, scheduling_strategy=here).remote()
+        _handles[name] = actor_class.options(name=name, get_if_exists=True, scheduling_strategy=here,
+                                             max_restarts=-1, max_task_retries=-1).remote()
     return _handles[name]

@@ -131,17 +131,29 @@ def _decode_rgb(data: bytes) -> torch.Tensor:
     """`decode_rgb` for bytes that passed `check_limits`."""
     if data[:4] != b"GIF8":  # torchvision decodes every frame of a GIF, PIL the first only
         try:
-            return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         except RuntimeError:
             pass
+        else:  # a 16-bit PNG decodes to uint16: scaled to 8 bits, never wrapped modulo 256
+            return img if img.dtype == torch.uint8 else TF.to_dtype(img, torch.uint8, scale=True)
     try:  # formats libjpeg-turbo / libpng refuse but PIL reads
         with warnings.catch_warnings():  # the budget was checked on this header
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:
-                arr = np.asarray(im.convert("RGB"))
+                arr = _pil_rgb(im)
     except Exception as e:
         raise ValueError(f"not a decodable image: {e}") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def _pil_rgb(im: Image.Image) -> np.ndarray:
+    """uint8 [H, W, 3] of a PIL image; high-bit grayscale (16-bit "I;16*", and "I", which
+    Pillow gives 16-bit files) scaled from 16 bits to 8, where `convert("RGB")` would clip
+    every value above 255 to white."""
+    if im.mode == "I" or im.mode.startswith("I;16"):
+        gray = np.asarray(im).astype(np.int64).clip(0, 65535) >> 8
+        return np.repeat(gray.astype(np.uint8)[..., None], 3, axis=2)
+    return np.asarray(im.convert("RGB"))
 
 
 def random_resized_crop_params(height: int, width: int, rng: np.random.Generator,

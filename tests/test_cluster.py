@@ -85,6 +85,7 @@ def test_local_and_s3_storage_write_read_and_leave_nothing_on_failure(tmp_path, 
         open_storage("gs://x")
 
 
+@pytest.mark.slow  # a Ray Train worker group on the cluster
 def test_plugin_imported_and_device_set_before_the_process_group(ray_client, tmp_path):
     """A row whose plugin is a real module that records, as it is imported, whether the
     process group exists yet: every worker imports it before init_process_group, and the

@@ -54,10 +54,30 @@ def test_overrides_set_the_documented_keys(tmp_path):
     ("run.keep_checkpoints=0", r"run.keep_checkpoints: 0 is not allowed; null or >= 1"),
     ("optim.warmup_epochs=900", r"optim.warmup_epochs: 900.0 is not allowed; must be >= 0 and < train.epochs"),
     ("train.epochs", r"'train.epochs': overrides look like section.key=value"),
+    ("optim.min_lr=0.01", r"optim.min_lr: 0.01 is not allowed; must be <= the peak lr \(0.0024: optim.blr 0.00015 x "
+                          r"effective batch 4096 / 256\)"),  # the schedule would rise
 ])
 def test_bad_keys_and_values_name_the_key_and_what_is_allowed(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(CONFIGS / "mae_vit_large.yaml", ["data.path=/x", override])
+
+
+@pytest.mark.parametrize("key", ["optim.lr", "optim.min_lr", "optim.weight_decay", "run.lease_ttl_seconds",
+                                 "data.retry_backoff_seconds", "optim.blr"])
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "inf", "nan"])
+def test_non_finite_numbers_are_refused_with_one_line_and_exit_2(key, value, tmp_path, capsys):
+    assert main(["--config", str(CONFIGS / "debug.yaml"), f"{key}={value}", f"run.storage_path={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()  # YAML reads .inf as a float, inf as a string
+    assert err.startswith(f"error: {key}: expected a finite number, got ") and "\n" not in err, err
+    assert not list(tmp_path.iterdir())  # no run directory, no lease
+
+
+def test_a_min_lr_above_the_peak_is_refused_also_against_an_explicit_lr(tmp_path, capsys):
+    assert main(["--config", str(CONFIGS / "debug.yaml"), "optim.lr=1e-4", "optim.min_lr=2e-4",
+                 f"run.storage_path={tmp_path}"]) == 2
+    assert capsys.readouterr().err.strip() == \
+        "error: optim.min_lr: 0.0002 is not allowed; must be <= the peak lr (0.0001: optim.lr)"
+    load_config(CONFIGS / "debug.yaml", ["data.path=/x", "optim.lr=1e-4", "optim.min_lr=1e-4"])  # equal: flat
 
 
 def test_unknown_key_in_yaml_file(tmp_path):

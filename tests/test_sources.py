@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pyarrow.fs as pafs
 import pytest
+import torch
 from PIL import Image
 
 from conftest import add_broken_files_to
@@ -88,6 +89,22 @@ def test_every_format_local_and_on_s3_gives_back_what_went_in(ray_client, photos
         got, rows = streamed(source)
         assert got == want  # count, label histogram and the pixels of each centre crop
         assert all(r["skipped"] == 0 for r in rows)
+
+
+def test_16_bit_images_are_scaled_to_8_bits_not_wrapped(ray_client, tmp_path):
+    """A 16-bit grayscale ramp (a PNG, and a TIFF named .png) comes out of the stream as the
+    same ramp in 8 bits, not its values modulo 256."""
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (48, 1))  # left to right, dark to light
+    folder = tmp_path / "train" / "ramps"
+    folder.mkdir(parents=True)
+    for name, fmt in (("png16.png", "PNG"), ("tiff16.png", "TIFF")):
+        Image.fromarray(ramp).save(folder / name, format=fmt)  # mode I;16
+    rows = stream(open_source("imagefolder", str(tmp_path)), batch=2, augment=None).take_all()
+    want = eval_resize_crop(torch.from_numpy(np.repeat((ramp >> 8).astype(np.uint8)[None], 3, axis=0)), SIZE)
+    assert len(rows) == 2 and all(r["skipped"] == 0 for r in rows)
+    for r in rows:
+        assert r["image"].dtype == np.uint8 and np.array_equal(r["image"], want.numpy())
+        assert (np.diff(r["image"][..., 0].astype(int), axis=1) >= 0).all()  # still a ramp
 
 
 def test_training_crops_are_random_uint8_and_new_each_epoch(ray_client, photos):
@@ -300,3 +317,34 @@ def test_the_next_epoch_decodes_while_this_one_is_read_each_with_its_own_order_a
         crops.append({hashlib.sha1(img.numpy().tobytes()).hexdigest() for b in rows for img in b["image"]})
     streams.close()
     assert not crops[0] & crops[1]  # fresh crops every epoch
+
+
+def test_the_skip_ledger_survives_its_process_a_lost_count_costs_a_warning(ray_client, photos, tmp_path, caplog):
+    """The ledger's process killed in the middle of an epoch: Ray restarts it, the epochs open
+    then report 0 with a warning (at once, not after the 60 s wait for missing reports), and
+    the next epoch's count is exact again."""
+    import logging
+    import time
+
+    from pipelines.data.skips import epoch_counts, skip_counter
+    root = tmp_path / "broken"
+    shutil.copytree(photos, root)
+    bad = add_broken_files(root)
+    counter = skip_counter()
+    key, streams = epoch_streams(open_source("imagefolder", str(root)), augment=None)
+    counts = []
+    with caplog.at_level(logging.WARNING, logger="pipelines.data.skips"):
+        for e in range(3):
+            batches = streams.epoch(e, 0, e + 1)
+            next(batches)
+            if e == 0:  # a real kill of the actor's process; Ray restarts it
+                ray_client.kill(counter, no_restart=False)
+            for _ in batches:
+                pass
+            t0 = time.monotonic()
+            counts.append(epoch_counts(counter, key, e))
+            assert time.monotonic() - t0 < 20
+    streams.close()
+    assert counts[0]["lost"] and counts[0]["skipped"] == 0
+    assert "epoch 0: the skip ledger was restarted during the epoch" in caplog.text
+    assert not counts[2]["lost"] and counts[2]["skipped"] == bad  # exact again

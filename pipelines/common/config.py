@@ -5,6 +5,7 @@ alone, and, below it, the few that need the data listed (`check_epoch`, `head_cl
 `DataConfig.open_val`)."""
 import dataclasses
 import importlib.util
+import math
 import os
 import types
 import typing
@@ -358,9 +359,12 @@ def _coerce(key: str, value, tp):
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):  # YAML's .inf and .nan: no setting means either
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -466,6 +470,7 @@ def validate(cfg: Config) -> None:
     _check_train(cfg.train)
     _check_scaling(cfg)
     _check_batches(cfg)
+    _check_lr_range(cfg)
     _check_run(cfg.run)
     _check_credentials(cfg)
 
@@ -548,6 +553,15 @@ def _check_optim(o: OptimConfig, t: TrainConfig) -> None:
     _need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0", o.weight_decay)
     _need(0 <= o.warmup_epochs < t.epochs, "optim.warmup_epochs",
           f"must be >= 0 and < train.epochs ({t.epochs})", o.warmup_epochs)
+
+
+def _check_lr_range(cfg: Config) -> None:
+    """The schedule falls from its peak to optim.min_lr: a min_lr above the peak would rise."""
+    o = cfg.optim
+    peak = Schedule.peak_lr_of(cfg)
+    _need(o.min_lr <= peak, "optim.min_lr", f"must be <= the peak lr ({peak:.4g}: "
+          + ("optim.lr" if o.lr else f"optim.blr {o.blr:g} x effective batch {cfg.effective_batch} / 256") + ")",
+          o.min_lr)
 
 
 def _check_train(t: TrainConfig) -> None:

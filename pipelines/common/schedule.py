@@ -30,9 +30,14 @@ class Schedule:
         share of the stream in whole batches, the last batch dropped."""
         o, t = cfg.optim, cfg.train
         return cls(iters_per_epoch=(num_images // world) // t.batch_size, accum_iter=cfg.accum_iter(world),
-                   peak_lr=o.lr or scaled_lr(o.blr, cfg.effective_batch), min_lr=o.min_lr,
+                   peak_lr=cls.peak_lr_of(cfg), min_lr=o.min_lr,
                    warmup_epochs=o.warmup_epochs, epochs=t.epochs, images_per_step=cfg.effective_batch,
                    log_every_steps=t.log_every_steps, checkpoint_every_steps=t.checkpoint_every_steps)
+
+    @staticmethod
+    def peak_lr_of(cfg) -> float:
+        """optim.lr, or else optim.blr scaled by the effective batch: the lr after warm-up."""
+        return cfg.optim.lr or scaled_lr(cfg.optim.blr, cfg.effective_batch)
 
     @property
     def steps_per_epoch(self) -> int:

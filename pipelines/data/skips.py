@@ -19,8 +19,14 @@ the lane's key; the execution starts only once every consumer has asked for it
 (streaming_split waits for all splits), so the datasource reads the plan after it was
 written. Each plan gets a new generation: what the read tasks of an earlier attempt of the
 same epoch (a restarted worker group) still send is not counted.
+
+If the ledger's process dies, Ray restarts it empty (cluster/actors.py): the counts of the
+epochs open at that moment are lost, and `epoch_counts` says so in one warning and reports
+them as 0; the next plans are counted as before. Generations start at a random offset in
+each incarnation, so a late report to an earlier incarnation's generation is never counted.
 """
 import logging
+import random
 import time
 
 import ray
@@ -38,7 +44,7 @@ class SkipCounter:
         self.generation_of: dict[tuple[str, int], int] = {}  # (stream, epoch) -> its last plan's generation
         self.tasks: dict[int, dict[int, tuple]] = {}  # generation -> read task index -> its counts
         self.expected: dict[int, int] = {}  # generation -> read tasks of the execution
-        self.generations = 0
+        self.generations = random.getrandbits(40) << 20  # this incarnation's own (see the module's docstring)
 
     def plan(self, stream: str, lane: int, epoch: int, first_iteration: int = 0) -> None:
         """The next execution of `stream`'s lane `lane` reads epoch `epoch` from micro-batch
@@ -68,17 +74,20 @@ class SkipCounter:
 
     def peek(self, stream: str, epoch: int) -> dict:
         """What the read tasks of `stream`'s epoch `epoch` have reported so far, with
-        `complete`: whether all of them have."""
+        `complete`: whether all of them have, and `lost`: whether this ledger never saw the
+        epoch's plan (it was restarted since)."""
         generation = self.generation_of.get((stream, epoch))
         reported = self.tasks.get(generation, {})
         sums = [sum(column) for column in zip(*reported.values())] or [0, 0, 0.0]
-        return {**dict(zip(COUNTS, sums)), "complete": len(reported) == self.expected.get(generation, -1)}
+        return {**dict(zip(COUNTS, sums)), "complete": len(reported) == self.expected.get(generation, -1),
+                "lost": generation is None}
 
     def take(self, stream: str, epoch: int, force: bool = False) -> dict | None:
         """`peek`, after which the epoch is closed (late reports are dropped); None, leaving it
-        open, while some of its read tasks have not reported, unless `force`."""
+        open, while some of its read tasks have not reported, unless `force` (or the epoch is
+        `lost`: nothing more will come)."""
         counts = self.peek(stream, epoch)
-        if not (counts["complete"] or force):
+        if not (counts["complete"] or counts["lost"] or force):
             return None
         generation = self.generation_of.pop((stream, epoch), None)
         self.tasks.pop(generation, None)
@@ -98,6 +107,9 @@ def epoch_counts(counter, stream: str, epoch: int, timeout: float = 60.0) -> dic
                            "decoded_images count only those that did", epoch, timeout)
             break
         time.sleep(0.01)
+    if counts["lost"]:
+        logger.warning("epoch %d: the skip ledger was restarted during the epoch (its process died); this epoch's "
+                       "skipped_images and decoded_images are lost and reported as 0", epoch)
     return counts
 
 
