@@ -52,7 +52,8 @@ def __getattr__(name: str):
         return _TorchBackend
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-__all__ = ["BackpressurePolicy", "ExecutionCallback", "TorchBackend", "concurrency_cap", "executor_tasks_running",
+__all__ = ["BackpressurePolicy", "ExecutionCallback", "TorchBackend",  # noqa: F822 (TorchBackend: __getattr__)
+           "concurrency_cap", "executor_tasks_running",
            "hide_raylet_notices", "is_map_operator", "launchable_node_types", "output_bytes_held", "policy_config",
            "run_on_workers", "tasks_running", "use_backpressure_policies"]
 

@@ -351,6 +351,15 @@ class Reader:
     max_bytes: int
     console: bool
 
+    def __setstate__(self, state: dict) -> None:
+        """Unpickled in the decode worker, before its task runs: the pixel code (torch,
+        torchvision, and the sympy that torch loads lazily) is imported here, in one thread.
+        Imported first inside the running task, while Ray Data's threads also touch torch, it
+        raced: "module 'sympy' has no attribute 'logic'" ended a run. Where the stream is only
+        planned (Ray Data's coordinators), no Reader is unpickled and torch is not loaded."""
+        import mae.transforms  # noqa: F401
+        self.__dict__.update(state)
+
     def samples(self, unit, n: int):
         if self.fmt == "imagefolder":
             return imagefolder_samples(self.fs, *map(list, zip(*unit)), retry=self.retry, max_bytes=self.max_bytes)
