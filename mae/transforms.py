@@ -38,7 +38,6 @@ REGION_DECODE = _jpeg_region is not None
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _JPEG_MARKER = re.compile(rb"\xff[^\xff]")  # the last 0xFF of a run (fill bytes) and the marker's code
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOF0-SOF15 but DHT, JPG, DAC
@@ -216,8 +215,6 @@ def jpeg_crop_flip(data: bytes, size: int, rng: np.random.Generator, scale=(0.2,
     except ValueError:
         return None
     return _resize_flip(region.permute(2, 0, 1), size, rng)
-
-
 
 
 def posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:

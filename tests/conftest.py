@@ -154,11 +154,19 @@ def mlflow_server(tmp_path_factory):
 
 # Helpers for the end-to-end tests (imported from conftest).
 
-# The paper's fine-tuning regularisers (configs/finetune_vit_base.yaml), which the demo's
-# fine-tuning config turns off for 8x8 digits: tests of the recipe put them back on it.
-PAPER_FINETUNE = ["augment.min_scale=0.08", "augment.rand_augment=rand-m9-mstd0.5-inc1", "augment.reprob=0.25",
-                  "augment.mixup=0.8", "augment.cutmix=1.0", "augment.smoothing=0.1", "model.drop_path=0.1",
-                  "optim.layer_decay=0.65"]
+
+
+def _paper_finetune() -> list[str]:
+    """The paper's fine-tuning regularisers, as overrides read from configs/finetune_vit_base.yaml
+    (every augment key, drop path, layer decay), which the demo's fine-tuning config turns off
+    for 8x8 digits: tests of the recipe put them back on it."""
+    import yaml
+    paper = yaml.safe_load((ROOT / "configs" / "finetune_vit_base.yaml").read_text())
+    return [f"augment.{k}={v}" for k, v in paper["augment"].items()] + [
+        f"model.drop_path={paper['model']['drop_path']}", f"optim.layer_decay={paper['optim']['layer_decay']}"]
+
+
+PAPER_FINETUNE = _paper_finetune()
 
 def run_pretrain(*overrides, config="configs/debug.yaml", timeout=600, wait=True, entry="pipelines/pretrain.py"):
     """`python ENTRY --config CONFIG overrides...` (by default pipelines/pretrain.py) in the
