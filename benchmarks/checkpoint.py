@@ -122,7 +122,8 @@ def main() -> None:
     # moto takes any credentials; the Ray workers inherit these from this process
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
                       AWS_EC2_METADATA_DISABLED="true")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2,  # a Ray of its own, even beside a running cluster
+             include_dashboard=False, log_to_driver=False)
     local = tempfile.mkdtemp(prefix="checkpoint-bench-")
     proc, endpoint = s3_server()
     try:

@@ -124,7 +124,8 @@ def ours(data: str, fmt: str, cpus: int, seconds: float, batch: int, size: int, 
     import ray
     from timm.data.random_erasing import RandomErasing
 
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=cpus,  # a Ray of its own, even beside a running cluster
+             include_dashboard=False, log_to_driver=False,
              object_store_memory=min(2 * 2**30, 300 * 2**20 * cpus))
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:

@@ -63,7 +63,8 @@ def ray_loop(cfg, images: np.ndarray) -> list[float]:
     from pipelines.driver.trainer import build_trainer
     from pipelines.data.lanes import Lanes
 
-    ray.init(num_cpus=max(2, int(cfg.scaling.cpus_per_worker) + 1), include_dashboard=False,
+    ray.init(address="local",  # a Ray of its own, even beside a running cluster
+             num_cpus=max(2, int(cfg.scaling.cpus_per_worker) + 1), include_dashboard=False,
              object_store_memory=512 * 2**20, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     dataset = ray.data.from_items([{"image": img, "label": 0, "skipped": 0} for img in images]).materialize()
