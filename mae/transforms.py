@@ -11,13 +11,17 @@ image is decoded.
 
 Every decode path first reads the image's size from its header (`image_size`) and refuses,
 with a ValueError, a file over the pixel or byte budget (`check_limits`), so a small file that
-claims a huge image never gets its pixels allocated.
+claims a huge image never gets its pixels allocated. Only the formats the readers take
+(`FORMATS`) are read at all: formats whose decoded size is not the header's (a TIFF's tiles, an
+ICO's or ICNS's embedded PNG, an AVIF's size box) are refused by their content, whatever the
+file's name; Pillow's own limit is `data.max_pixels` while it opens and decodes.
 """
 import io
 import math
 import re
 import struct
 import warnings
+from contextlib import contextmanager
 from functools import lru_cache
 
 import numpy as np
@@ -38,6 +42,9 @@ REGION_DECODE = _jpeg_region is not None
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# What the readers take (`pipelines/data/reading.py`'s extensions, and GIF, whose first frame
+# is decoded): in each of them the header's size is the size decoded.
+FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "GIF")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _JPEG_MARKER = re.compile(rb"\xff[^\xff]")  # the last 0xFF of a run (fill bytes) and the marker's code
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOF0-SOF15 but DHT, JPG, DAC
@@ -70,12 +77,47 @@ def _jpeg_size(data: bytes) -> tuple[int, int]:
         pos += length
 
 
-def image_size(data: bytes) -> tuple[int, int]:
+@contextmanager
+def pil_budget(max_pixels: int | None):
+    """Pillow's own pixel limit at `max_pixels` inside the block, an error (ValueError naming
+    data.max_pixels) rather than a warning: it guards the sizes Pillow meets after the header
+    (a GIF's first frame beyond its screen). None: Pillow's default limit, as an error too.
+    One decode at a time per process, as Ray's data tasks run."""
+    previous = Image.MAX_IMAGE_PIXELS
+    if max_pixels is not None:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        limit = f"data.max_pixels={max_pixels}" if max_pixels is not None else "Pillow's limit"
+        raise ValueError(f"image over {limit} as Pillow reads it: {e}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def _unaccepted(data: bytes) -> str:
+    """The error for bytes in none of `FORMATS`, naming the format Pillow would have read."""
+    def accepts(accept) -> bool:
+        try:
+            return bool(accept(data[:32]))
+        except Exception:  # a plugin's check of a few bytes shorter than it reads
+            return False
+    Image.init()
+    known = next((name for name, (_, accept) in Image.OPEN.items()
+                  if accept is not None and name not in FORMATS and accepts(accept)), None)
+    what = f"{known} content" if known else f"no accepted format starts {data[:8]!r}"
+    return f"not a decodable image: {what}; the readers take {', '.join(FORMATS)}"
+
+
+def image_size(data: bytes, max_pixels: int | None = None) -> tuple[int, int]:
     """(height, width) of encoded image bytes, from the header only: nothing is decoded.
 
-    JPEG from its frame header, PNG from IHDR, other formats from `PIL.Image.open`, which
-    reads the header lazily. Raises ValueError ("not a decodable image: ...") when no size
-    can be read, and for a header over PIL's own decompression-bomb limit."""
+    JPEG from its frame header, PNG from IHDR, BMP, WEBP and GIF from `PIL.Image.open`
+    restricted to them, which reads the header lazily (a GIF's first frame header too, under
+    `pil_budget(max_pixels)`). Raises ValueError ("not a decodable image: ...") when no size
+    can be read or the bytes are in no accepted format (`FORMATS`), whatever the file's name."""
     if not data:
         raise ValueError("not a decodable image: empty file")
     if data[:2] == b"\xff\xd8":
@@ -86,14 +128,12 @@ def image_size(data: bytes) -> tuple[int, int]:
         width, height = struct.unpack(">II", data[16:24])
     else:
         try:
-            with warnings.catch_warnings():  # the pixel budget is ours to check, not PIL's to warn about
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                with Image.open(io.BytesIO(data)) as im:
-                    width, height = im.size
-        except Image.DecompressionBombError as e:
-            raise ValueError(f"image over PIL's decompression-bomb limit: {e}") from None
+            with pil_budget(max_pixels), Image.open(io.BytesIO(data), formats=FORMATS[2:]) as im:
+                width, height = im.size
         except Image.UnidentifiedImageError:
-            raise ValueError(f"not a decodable image: no known image format starts {data[:8]!r}") from None
+            raise ValueError(_unaccepted(data)) from None
+        except ValueError:
+            raise
         except Exception as e:
             raise ValueError(f"not a decodable image: {e}") from None
     if height == 0 or width == 0:
@@ -110,7 +150,7 @@ def check_limits(data: bytes, max_pixels: int, max_bytes: int) -> None:
     than `max_pixels` (height * width), or has no readable size; before anything is decoded."""
     if len(data) > max_bytes:
         raise ValueError(f"encoded image is {_file_size(len(data))}, over data.max_image_bytes={max_bytes}")
-    height, width = image_size(data)
+    height, width = image_size(data, max_pixels)
     if height * width > max_pixels:
         raise ValueError(f"image is {_file_size(len(data))} but claims {width}x{height} "
                          f"({height * width / 1e6:.1f} MP), over data.max_pixels={max_pixels}")
@@ -123,11 +163,12 @@ def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int
     (`check_limits`).
     """
     check_limits(data, max_pixels, max_bytes)
-    return _decode_rgb(data)
+    return _decode_rgb(data, max_pixels)
 
 
-def _decode_rgb(data: bytes) -> torch.Tensor:
-    """`decode_rgb` for bytes that passed `check_limits`."""
+def _decode_rgb(data: bytes, max_pixels: int) -> torch.Tensor:
+    """`decode_rgb` for bytes that passed `check_limits`: one of `FORMATS`, so torchvision's
+    decoders (which pick one by the content) see JPEG, PNG or WEBP only, and Pillow the rest."""
     if data[:4] != b"GIF8":  # torchvision decodes every frame of a GIF, PIL the first only
         try:
             img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
@@ -136,10 +177,10 @@ def _decode_rgb(data: bytes) -> torch.Tensor:
         else:  # a 16-bit PNG decodes to uint16: scaled to 8 bits, never wrapped modulo 256
             return img if img.dtype == torch.uint8 else TF.to_dtype(img, torch.uint8, scale=True)
     try:  # formats libjpeg-turbo / libpng refuse but PIL reads
-        with warnings.catch_warnings():  # the budget was checked on this header
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                arr = _pil_rgb(im)
+        with pil_budget(max_pixels), Image.open(io.BytesIO(data), formats=FORMATS) as im:
+            arr = _pil_rgb(im)
+    except ValueError:
+        raise
     except Exception as e:
         raise ValueError(f"not a decodable image: {e}") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
@@ -272,7 +313,7 @@ def decode_crop_batch(blobs, size: int, rng: np.random.Generator, augment: Augme
             check_limits(data, max_pixels, max_bytes)
             crop = jpeg_crop_flip(data, size, rng, augment.scale, max_pixels) if augment else None
             if crop is None:
-                img = _decode_rgb(data)
+                img = _decode_rgb(data, max_pixels)
                 crop = random_crop_flip(img, size, rng, augment.scale) if augment else eval_resize_crop(img, size)
             if augment and augment.rand_augment:
                 crop = apply_rand_augment(crop, augment.rand_augment)

@@ -199,12 +199,17 @@ def registered_checkpoints(run_dir) -> list[str]:
 
 
 def add_broken_files_to(folder) -> int:
-    """Three undecodable .JPEG files (truncated, empty, text) in `folder`; returns 3."""
+    """Seven files named .JPEG that must not be trained on, in `folder`: three undecodable
+    (truncated, empty, text) and the four format bombs of `crafted.FORMAT_BOMBS` (a TIFF, an
+    ICO, an ICNS and an AVIF whose headers claim less than they decode to); returns 7."""
+    from crafted import FORMAT_BOMBS
     jpeg = next(folder.glob("*.JPEG")).read_bytes()
     (folder / "truncated.JPEG").write_bytes(jpeg[:100])
     (folder / "empty.JPEG").write_bytes(b"")
     (folder / "text.JPEG").write_bytes(b"this is not an image\n")
-    return 3
+    for name, make in FORMAT_BOMBS.items():
+        (folder / name).write_bytes(make())
+    return 3 + len(FORMAT_BOMBS)
 
 
 def wait_for(predicate, timeout: float, what: str):

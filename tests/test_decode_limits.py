@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, JpegImagePlugin, PngImagePlugin
+from PIL import AvifImagePlugin, IcnsImagePlugin, IcoImagePlugin, Image, JpegImagePlugin, PngImagePlugin, TiffImagePlugin
 
 from mae.transforms import (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, PRETRAIN, _jpeg_region, check_limits,
                             decode_crop_batch, decode_rgb, eval_crops, eval_view, image_size, jpeg_crop_flip)
+from crafted import FORMAT_BOMBS, avif_claim, icns_png, ico_png, tiff_tile
 from test_transforms import _needs_region_decode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,7 +93,6 @@ FILES = {
     "bmp": lambda: _encode(_photo(37, 53), "BMP"),
     "webp": lambda: _encode(_photo(37, 53), "WEBP"),
     "gif": lambda: _encode(_photo(37, 53), "GIF"),
-    "tiff": lambda: _encode(_photo(37, 53), "TIFF"),
 }
 
 
@@ -103,6 +103,55 @@ def test_image_size_reads_real_files_as_pil_and_the_decoder_do(kind):
     assert (width, height) == (53, 37)
     assert image_size(data) == (37, 53)
     assert tuple(decode_rgb(data).shape) == (3, 37, 53)
+
+
+def test_format_bombs_are_what_they_claim():
+    """Read by Pillow's own parsers: each header claims a small image, each decoder allocates
+    the large one."""
+    tiff = TiffImagePlugin.TiffImageFile(io.BytesIO(tiff_tile()))
+    assert tiff.size == (16, 16) and (tiff.tag_v2[322], tiff.tag_v2[323]) == (16384, 16384)  # tile width, length
+    ico = IcoImagePlugin.IcoFile(io.BytesIO(ico_png()))
+    assert ico.entry[0].dim == (256, 256) and image_size(ico_png()[22:]) == (9500, 9500)  # its PNG
+    icns = IcnsImagePlugin.IcnsFile(io.BytesIO(icns_png()))
+    assert icns.itersizes() == [(512, 512, 1)] and image_size(icns_png()[16:]) == (9500, 9500)
+    assert AvifImagePlugin.AvifImageFile(io.BytesIO(avif_claim())).size == (16, 16)  # encoded at 2048 x 2048
+    assert max(len(make()) for make in FORMAT_BOMBS.values()) < 800 * 2**10
+
+
+@pytest.mark.parametrize("name", FORMAT_BOMBS)
+def test_formats_the_readers_do_not_take_are_refused_by_their_content(name):
+    """Named .JPEG, as they would be in a folder of JPEGs: refused by what they are, by every
+    decode path, before anything is decoded."""
+    data = FORMAT_BOMBS[name]()
+    what = name.split("_")[0].split(".")[0].upper()
+    message = f"not a decodable image: {what} content; the readers take JPEG, PNG, BMP, WEBP, GIF"
+    for decode in (image_size, decode_rgb, lambda d: eval_view(d, 32)):
+        with pytest.raises(ValueError, match=message):
+            decode(data)
+    for augment in (PRETRAIN, None):
+        _, ok, errors = decode_crop_batch([good(), data], 32, np.random.default_rng(0), augment=augment)
+        assert ok == [0] and errors[1] == message
+    plain_tiff = _encode(_photo(37, 53), "TIFF")  # an ordinary TIFF too: not a format the readers take
+    with pytest.raises(ValueError, match="TIFF content"):
+        decode_rgb(plain_tiff)
+
+
+def gif_beyond_its_screen(side: int = 1000) -> bytes:
+    """A GIF whose logical screen says 16x16 and whose first frame is side x side: Pillow
+    grows the image to the frame while opening it."""
+    data = _encode(Image.new("P", (side, side)), "GIF")
+    return data[:6] + struct.pack("<HH", 16, 16) + data[10:]
+
+
+def test_pillows_own_limit_follows_the_budget_while_it_opens_and_decodes():
+    data = gif_beyond_its_screen()
+    assert data[6:10] == struct.pack("<HH", 16, 16) and Image.open(io.BytesIO(data)).size == (1000, 1000)
+    with pytest.raises(ValueError, match=r"image over data\.max_pixels=100000 as Pillow reads it"):
+        decode_rgb(data, max_pixels=100_000)
+    _, ok, errors = decode_crop_batch([data], 32, np.random.default_rng(0), max_pixels=100_000)
+    assert ok == [] and "data.max_pixels=100000" in errors[0]
+    assert decode_rgb(data, max_pixels=1_000_000).shape == (3, 1000, 1000)  # at the budget exactly
+    assert Image.MAX_IMAGE_PIXELS == 89_478_485  # Pillow's default is back after each decode
 
 
 def test_image_size_steps_over_fill_bytes_and_standalone_markers():
@@ -173,7 +222,7 @@ def test_decode_rgb_eval_view_and_eval_crops_refuse_bombs(bomb):
 
 def test_the_pixel_and_byte_limits_are_exact_on_an_ordinary_image():
     for data in (good(), _encode(_photo(), "PNG"), _encode(_photo(), "BMP")):
-        with pytest.raises(ValueError, match="claims 64x48 \\(0.0 MP\\), over data.max_pixels=3071"):
+        with pytest.raises(ValueError, match="over data.max_pixels=3071"):  # ours, or Pillow's for the BMP
             decode_rgb(data, max_pixels=H * W - 1)
         assert decode_rgb(data, max_pixels=H * W).shape == (3, H, W)
         with pytest.raises(ValueError, match=f"over data.max_image_bytes={len(data) - 1}"):
@@ -268,10 +317,13 @@ print(json.dumps(dict(base=base, bombs=bombs_peak - base, unbudgeted=peak_mb() -
 
 def test_a_batch_of_bombs_stays_within_a_few_megabytes(tmp_path):
     """Peak RSS in a child process: decoding bombs (12.9 GB, 675 MB and 675 MB of pixels
-    claimed) adds next to nothing, while the one PNG decoded without the budget adds its
-    675 MB, which shows the measure sees a full decode."""
+    claimed; a TIFF tile of 805 MB, an ICO's and an ICNS's PNG of 271 MB each, an AVIF, and a
+    GIF's frame beyond its screen over the budget) adds next to nothing, while the one PNG
+    decoded without the budget adds its 675 MB, which shows the measure sees a full decode."""
     paths = []
+    over_screen = gif_beyond_its_screen(10_000)  # 100 MP, over the default 90
     for name, data in [("good.jpg", good()), ("b65500.jpg", bomb_65500()), ("j15000.jpg", jpeg_15000()),
+                       *[(name, make()) for name, make in FORMAT_BOMBS.items()], ("gif.jpg", over_screen),
                        ("p15000.png", png_15000())]:
         (tmp_path / name).write_bytes(data)
         paths.append(str(tmp_path / name))
@@ -279,6 +331,6 @@ def test_a_batch_of_bombs_stays_within_a_few_megabytes(tmp_path):
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["refused"] == 2 * 12 + 3 * 2
+    assert result["refused"] == 10 * (len(paths) - 1)  # each bomb 4 times in 2 batches, then on its own twice
     assert result["bombs"] < 50, result
     assert result["shape"] == [3, 15000, 15000] and result["unbudgeted"] > 600, result

@@ -363,7 +363,8 @@ def all_text_under(root) -> bytes:
 def test_no_credential_anywhere_after_an_s3_run(ray_cluster, s3_server, digits, tmp_path):
     """A known secret in the credentials file of an S3 data + S3 run: it is in no run file,
     no checkpoint, no log, and not in the dashboard's Jobs or Train state APIs. The same run
-    pretrains on WebDataset shards on S3 holding 3 undecodable files: counted, not trained on."""
+    pretrains on WebDataset shards on S3 holding 7 files that must not be trained on (3
+    undecodable, 4 format bombs): counted, not trained on."""
     import urllib.request
 
     import subprocess
@@ -394,10 +395,10 @@ def test_no_credential_anywhere_after_an_s3_run(ray_cluster, s3_server, digits, 
     run_files = [i.path for i in fs.get_file_info(pafs.FileSelector(f"{prefix}/runs", recursive=True))
                  if i.type == pafs.FileType.File]
     assert any(p.endswith("checkpoint.pth") for p in run_files) and any(p.endswith("config.yaml") for p in run_files)
-    assert "1441 training images in 10 classes in" in result.stdout  # 1,438 digits and 3 broken files
+    assert f"{1438 + bad} training images in 10 classes in" in result.stdout  # the digits and the broken files
     with fs.open_input_stream(f"{prefix}/runs/secret/metrics.jsonl") as f:
         (metrics,) = [json.loads(line) for line in f.read().decode().splitlines()]
-    assert metrics["skipped_images"] == bad and metrics["steps"] == (1441 // 2) // 32
+    assert metrics["skipped_images"] == bad and metrics["steps"] == ((1438 + bad) // 2) // 32
     assert f"{prefix}/runs/secret/reconstructions/epoch_0000.png" in run_files
     for path in run_files:
         with fs.open_input_stream(path) as f:

@@ -5,6 +5,8 @@ import hashlib
 import io
 import json
 import shutil
+import struct
+import zlib
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -92,13 +94,17 @@ def test_every_format_local_and_on_s3_gives_back_what_went_in(ray_client, photos
 
 
 def test_16_bit_images_are_scaled_to_8_bits_not_wrapped(ray_client, tmp_path):
-    """A 16-bit grayscale ramp (a PNG, and a TIFF named .png) comes out of the stream as the
-    same ramp in 8 bits, not its values modulo 256."""
+    """A 16-bit ramp (a grayscale PNG, and an RGB one of 16 bits per channel) comes out of the
+    stream as the same ramp in 8 bits, not its values modulo 256."""
+    from crafted import png_chunk
     ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (48, 1))  # left to right, dark to light
     folder = tmp_path / "train" / "ramps"
     folder.mkdir(parents=True)
-    for name, fmt in (("png16.png", "PNG"), ("tiff16.png", "TIFF")):
-        Image.fromarray(ramp).save(folder / name, format=fmt)  # mode I;16
+    Image.fromarray(ramp).save(folder / "gray16.png", format="PNG")  # mode I;16
+    rows48 = b"".join(b"\x00" + np.repeat(row, 3).astype(">u2").tobytes() for row in ramp)  # filter 0, R=G=B
+    (folder / "rgb48.png").write_bytes(  # Pillow cannot write 16-bit RGB: the chunks by hand
+        b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 64, 48, 16, 2, 0, 0, 0))
+        + png_chunk(b"IDAT", zlib.compress(rows48)) + png_chunk(b"IEND", b""))
     rows = stream(open_source("imagefolder", str(tmp_path)), batch=2, augment=None).take_all()
     want = eval_resize_crop(torch.from_numpy(np.repeat((ramp >> 8).astype(np.uint8)[None], 3, axis=0)), SIZE)
     assert len(rows) == 2 and all(r["skipped"] == 0 for r in rows)
