@@ -61,6 +61,16 @@ class Storage:
             with self.fs.open_output_stream(target) as f:
                 f.write(data)
 
+    def upload(self, rel: str, local_path: str, chunk: int = 8 * 2**20) -> None:
+        """Copy the local file `local_path` to `rel`, streamed. An S3 object appears only
+        when its upload completes, and a failed upload raises (`pyarrow.fs.copy_files`
+        logs it and returns)."""
+        target = self.path(rel)
+        self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        with open(local_path, "rb") as src, self.fs.open_output_stream(target) as out:
+            while block := src.read(chunk):
+                out.write(block)
+
     def sync(self, rel: str) -> None:
         """Make what another writer put at `rel` (a file, or a folder and its files: Ray
         Train's checkpoint upload) survive a crash of this machine: on a local filesystem,

@@ -136,3 +136,53 @@ def test_results_reads_the_best_epoch_of_run_directories_on_s3(s3_server, capsys
     assert plots.endswith("as plots:") and curve.strip() == f"{uri}/loss_curve.png"
     assert results.main([f"s3://runs/{uuid.uuid4().hex}/none", "--s3-endpoint", s3_server]) == 2
     assert "has no evaluated epoch" in capsys.readouterr().err
+
+
+def test_a_checkpoint_upload_is_retried_kept_until_it_lands_and_a_final_failure_is_raised(s3_server, tmp_path):
+    """The upload function Ray Train calls, against the S3 server behind a proxy answering
+    503 SlowDown: past the S3 client's 3 attempts it lands on our retry, the staged copy kept
+    until then; refused every time, it raises, and raises the same at once when called again
+    (Ray Train's own retry), as the training thread's next wait does."""
+    from pipelines.data.reading import Retry
+    from pipelines.worker.checkpointing import CheckpointError, CheckpointWriter
+    from s3_proxy import SLOW_DOWN, S3Proxy
+    refusals, staged = {"n": 4}, []
+
+    def throttle(method, path, headers):
+        if method == "PUT" and "checkpoint.pth" in path and refusals["n"]:
+            refusals["n"] -= 1
+            staged.append((folder / "checkpoint.pth").exists())
+            return SLOW_DOWN
+    proxy = S3Proxy(s3_server, throttle)
+    uri = f"s3://runs/{uuid.uuid4().hex}/run"
+    writer = CheckpointWriter(open_storage(uri, proxy.endpoint), retry=Retry(2, 0.05), timeout=0.5)
+    host = tiny_checkpoint(1)
+    for name, refused in (("landed", 4), ("lost", 10**6)):
+        refusals["n"] = refused
+        folder = tmp_path / name
+        folder.mkdir()
+        writer.idle.clear()
+        writer.in_flight = name
+        if name == "landed":
+            checkpoint = writer._persist(host, str(folder), name, best=False)
+            assert checkpoint.path == f"{open_storage(uri, s3_server).root}/landed" and refusals["n"] == 0
+            assert read_checkpoint(f"{uri}/landed/checkpoint.pth", s3_server)["epoch"] == 1
+            writer.wait()
+        else:
+            with pytest.raises(CheckpointError, match=r"^checkpoint lost was not saved to s3://runs/\w+/run "
+                                                      r"\(retries: 2\): .*AWS Error SLOW_DOWN"):
+                writer._persist(host, str(folder), name, best=False)
+            puts = len(proxy.log)
+            with pytest.raises(CheckpointError, match="checkpoint lost was not saved"):  # called again: at once
+                writer._persist(host, str(folder), name, best=False)
+            assert len(proxy.log) == puts
+            with pytest.raises(CheckpointError, match="checkpoint lost was not saved"):
+                writer.wait()
+            assert open_storage(uri, s3_server).read("lost/checkpoint.pth") is None
+        assert all(staged) and not folder.exists() and writer.idle.is_set()  # staged until the end
+    writer.idle.clear()  # a store that never answers: the next checkpoint does not wait forever
+    writer.in_flight = "hung"
+    with pytest.raises(CheckpointError, match=r"checkpoint hung is not in s3://runs/\w+/run after "
+                                              r"run.checkpoint_timeout_seconds=0.5: the store does not answer"):
+        writer.wait()
+    proxy.close()

@@ -104,12 +104,30 @@ def _s3_objects(endpoint, prefix):
 
 
 def test_checkpoints_on_s3_kept_bounded_resumed_and_resumed_from(ray_cluster, s3_server, digits, tmp_path):
-    s3 = ["run.storage_path=s3://runs/team", f"run.s3_endpoint={s3_server}", "run.name=s3run",
+    """The run directory is on the S3 server behind a proxy that throttles: the first upload of
+    one checkpoint is answered 503 SlowDown past the S3 client's own 3 attempts and lands on our
+    retry, with no worker-group restart; in the resumed run, the last checkpoint's upload is
+    refused every time: it is not registered and the run ends with exit 1, naming it."""
+    from s3_proxy import SLOW_DOWN, S3Proxy
+    slow_down = {"step_000000020/": 4, "step_000000044/": 10**9}  # 503s left for each checkpoint's PUTs
+
+    def throttle(method, path, headers):
+        for key, left in slow_down.items():
+            if method == "PUT" and f"{key}checkpoint.pth" in path and left:
+                slow_down[key] -= 1
+                return SLOW_DOWN
+    proxy = S3Proxy(s3_server, throttle)
+    s3 = ["run.storage_path=s3://runs/team", f"run.s3_endpoint={proxy.endpoint}", "run.name=s3run",
           f"data.path={digits}", "train.checkpoint_every_steps=10", "run.keep_checkpoints=2",
           "optim.warmup_epochs=0.5", "run.tensorboard=true"]
     first = run_pretrain(*s3, "train.epochs=1")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    puts = [status for method, path, status in proxy.log if method == "PUT" and "step_000000020/checkpoint" in path]
+    assert puts[:4] == [503] * 4 and puts[-1] == 200 and slow_down["step_000000020/"] == 0
+    assert "step_000000020 to s3://runs/team/s3run: " in first.stdout + first.stderr  # the retry, logged
     fs, objects = _s3_objects(s3_server, "runs/team/s3run")
+    with fs.open_input_stream("runs/team/s3run/attempts.jsonl") as f:
+        assert len(f.read().decode().splitlines()) == 1  # no worker-group restart
     assert {"config.yaml", "metrics.jsonl", "steps.jsonl", "loss_curve.png", "reconstructions/epoch_0000.png",
             "checkpoint_epoch_0000_step_000000020/checkpoint.pth",
             "checkpoint_epoch_0000_step_000000022/checkpoint.pth"} <= objects
@@ -129,10 +147,18 @@ def test_checkpoints_on_s3_kept_bounded_resumed_and_resumed_from(ray_cluster, s3
     assert steps[0]["lr"] == pytest.approx(lr_at(20 / 22, 2.5e-4, 0.0, 0.5, 1))
     assert [m["epoch"] for m in read_jsonl(tmp_path / "fork" / "metrics.jsonl")] == [0]
 
-    second = run_pretrain(*s3, "train.epochs=2")  # the S3 run resumed, its older checkpoints pruned
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    # the S3 run resumed, its older checkpoints pruned; its last checkpoint never uploads
+    second = run_pretrain(*s3, "train.epochs=2", "run.checkpoint_upload_retries=1", "run.max_failures=0")
+    out = second.stdout + second.stderr
+    assert second.returncode == 1, out[-6000:]
+    assert re.search(r"checkpoint checkpoint_epoch_0001_step_000000044 was not saved to s3://runs/team/s3run "
+                     r"\(retries: 1\): .*SLOW_DOWN", out), out[-6000:]
     fs, objects = _s3_objects(s3_server, "runs/team/s3run")
-    assert not any("step_000000020" in o for o in objects)
+    assert not any("step_000000020" in o or "step_000000044" in o for o in objects)  # pruned; never uploaded
+    with fs.open_input_stream("runs/team/s3run/checkpoint_manager_snapshot.json") as f:
+        registered = [r["checkpoint_dir_name"] for r in json.loads(f.read())["checkpoint_results"]]
+    assert registered == ["checkpoint_epoch_0001_step_000000030", "checkpoint_epoch_0001_step_000000040"]
+    proxy.close()
     with fs.open_input_stream("runs/team/s3run/metrics.jsonl") as f:
         assert [json.loads(line)["epoch"] for line in f.read().decode().splitlines()] == [0, 1]
     with fs.open_input_stream("runs/team/s3run/steps.jsonl") as f:

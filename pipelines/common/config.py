@@ -262,6 +262,14 @@ class RunConfig:
     resume_from: str | None = None
     """Start a run that has no checkpoint yet from this checkpoint (ours or an official MAE
     .pth; a path or s3:// URL). Once the run has its own checkpoints, they take precedence."""
+    checkpoint_upload_retries: int = 5
+    """Retries of a checkpoint write or upload that failed with an error that may pass (S3
+    throttling or 5xx, a lost connection, EIO), 1, 2, 4... s apart (at most 30 s). When they
+    are spent, the checkpoint is not registered and the run reports the error (a restart from
+    the latest checkpoint, or the run's end when run.max_failures is spent)."""
+    checkpoint_timeout_seconds: float = 3600.0
+    """The longest the next checkpoint waits for the one in flight (its write, upload and
+    retries) before the run stops with an error naming it: a store that hangs."""
     lease_ttl_seconds: float = 60.0
     """The driver renews the run directory's lease (lease.json) every quarter of this; a
     lease older than this belongs to a driver that is gone and is taken over."""
@@ -622,6 +630,10 @@ def _check_run(r: RunConfig) -> None:
     if uri and importlib.util.find_spec("mlflow") is None:
         raise ConfigError("run.mlflow_tracking_uri: mlflow is not installed; pip install -e '.[mlflow]'")
     _need(r.lease_ttl_seconds > 0, "run.lease_ttl_seconds", "must be > 0", r.lease_ttl_seconds)
+    _need(r.checkpoint_upload_retries >= 0, "run.checkpoint_upload_retries", "must be >= 0",
+          r.checkpoint_upload_retries)
+    _need(r.checkpoint_timeout_seconds > 0, "run.checkpoint_timeout_seconds", "must be > 0",
+          r.checkpoint_timeout_seconds)
     _need(r.max_failures >= -1, "run.max_failures", "-1 (unlimited) or >= 0", r.max_failures)
 
 

@@ -72,9 +72,10 @@ def transient(e: BaseException) -> bool:
 @dataclass(frozen=True)
 class Retry:
     """Retries of a transient storage error: up to `attempts` more tries, waiting `backoff`
-    seconds before the first and twice as long before each next one."""
+    seconds before the first and twice as long before each next one, at most `max_wait`."""
     attempts: int = 3
     backoff: float = 0.5
+    max_wait: float = float("inf")
 
     def call(self, fn, what: str, spent: int = 0):
         """`fn()`, tried again while it raises a transient error; `spent`: retries the same
@@ -85,7 +86,7 @@ class Retry:
             except Exception as e:
                 if not transient(e) or k == self.attempts:
                     raise
-                wait = self.backoff * 2 ** k
+                wait = min(self.backoff * 2 ** k, self.max_wait)
                 logger.warning("%s: %s; retry %d of %d in %.1f s", what, one_line(e), k + 1, self.attempts, wait)
                 time.sleep(wait)
 

@@ -13,6 +13,8 @@ from ray.train import CheckpointUploadMode
 
 from cluster.storage import Storage
 from mae.checkpoint import CHECKPOINT_FILE, save_checkpoint
+from pipelines.common.errors import one_line
+from pipelines.data.reading import Retry
 from pipelines.worker.state import BEST, State
 
 
@@ -55,6 +57,11 @@ def to_host(obj, pin: bool = False):
     return out
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that could not be written or uploaded, its retries spent, or that did not
+    finish within run.checkpoint_timeout_seconds: it is not registered."""
+
+
 class CheckpointWriter:
     """Rank 0's checkpoints, written and uploaded off the training thread, one at a time.
 
@@ -67,12 +74,21 @@ class CheckpointWriter:
     latest only after the function returns, so a restart never starts from a checkpoint
     half written. A second `submit` first waits for the checkpoint in flight: host memory
     holds at most one copy of the state. `synchronous=True` does all of it in the step (the
-    benchmark's baseline)."""
+    benchmark's baseline).
 
-    def __init__(self, storage: Storage, synchronous: bool = False):
-        self.storage, self.synchronous = storage, synchronous
+    A write or upload that fails with an error that may pass is retried (`retry`), the
+    temporary copy kept until it succeeds or the retries are spent; then the function raises
+    `CheckpointError` (Ray Train does not register the checkpoint and fails the worker), as
+    does the next `submit` or `wait` in the training thread. Ray Train may call the function
+    again after it raised: it then raises the same error at once."""
+
+    def __init__(self, storage: Storage, synchronous: bool = False, retry: Retry = Retry(5, 1.0, 30.0),
+                 timeout: float = 3600.0):
+        self.storage, self.synchronous, self.retry, self.timeout = storage, synchronous, retry, timeout
         self.idle = threading.Event()
         self.idle.set()
+        self.in_flight: str | None = None
+        self.failed: dict[str, CheckpointError] = {}  # by checkpoint name
         self.stalls: list[float] = []  # seconds the training thread spent in each submit
 
     def submit(self, state: "State", record: dict, metrics: dict, name: str, best: bool = False) -> None:
@@ -81,6 +97,7 @@ class CheckpointWriter:
         ckpt = checkpoint_dict(state, record)
         host = ckpt if self.synchronous else to_host(ckpt, pin=next(state.model.parameters()).is_cuda)
         self.idle.clear()
+        self.in_flight = name
         folder = tempfile.mkdtemp(prefix="mae-checkpoint-")
         mode = CheckpointUploadMode.SYNC if self.synchronous else CheckpointUploadMode.ASYNC
         try:
@@ -94,26 +111,44 @@ class CheckpointWriter:
         self.stalls.append(time.perf_counter() - t0)
 
     def _persist(self, host: dict, folder: str, name: str, best: bool) -> ray.train.Checkpoint:
-        try:
-            names = [name, BEST] if best else [name]  # best/: outside Ray Train's checkpoints, never pruned
-            if isinstance(self.storage.fs, pafs.LocalFileSystem):
-                for each in names:
-                    os.makedirs(self.storage.path(each), exist_ok=True)
-                    save_checkpoint(host, os.path.join(self.storage.path(each), CHECKPOINT_FILE))
-                    self.storage.sync(each)
+        if name in self.failed:  # called again after its retries were spent
+            raise self.failed[name]
+        names = [name, BEST] if best else [name]  # best/: outside Ray Train's checkpoints, never pruned
+        local = isinstance(self.storage.fs, pafs.LocalFileSystem)
+        staged = os.path.join(folder, CHECKPOINT_FILE)
+
+        def write(each: str) -> None:
+            if local:
+                os.makedirs(self.storage.path(each), exist_ok=True)
+                save_checkpoint(host, os.path.join(self.storage.path(each), CHECKPOINT_FILE))
+                self.storage.sync(each)
             else:
-                save_checkpoint(host, os.path.join(folder, CHECKPOINT_FILE))
-                for each in names:
-                    pafs.copy_files(folder, self.storage.path(each), destination_filesystem=self.storage.fs)
-            return ray.train.Checkpoint(self.storage.path(name), filesystem=self.storage.fs)
-        finally:
+                if not os.path.exists(staged):  # save_checkpoint renames a complete file into place
+                    save_checkpoint(host, staged)
+                self.storage.upload(f"{each}/{CHECKPOINT_FILE}", staged)
+
+        try:
+            for each in names:
+                self.retry.call(lambda: write(each), f"checkpoint {each} to {self.storage.uri}")
+        except Exception as e:
+            self.failed[name] = CheckpointError(
+                f"checkpoint {name} was not saved to {self.storage.uri} (retries: {self.retry.attempts}): "
+                f"{one_line(e)}")
             self._done(folder)
+            raise self.failed[name] from None
+        self._done(folder)
+        return ray.train.Checkpoint(self.storage.path(name), filesystem=self.storage.fs)
 
     def _done(self, folder: str) -> None:
         shutil.rmtree(folder, ignore_errors=True)
         self.idle.set()
 
     def wait(self) -> None:
-        """Until the checkpoint in flight is in the run directory (Ray Train raises its upload
-        error in the training thread; this one does not wait forever on it)."""
-        self.idle.wait()
+        """Until the checkpoint in flight is in the run directory. Raises `CheckpointError`
+        when it finally failed (Ray Train raises it too, from its own thread, when it gets
+        there first) or is not there within the timeout."""
+        if not self.idle.wait(self.timeout):
+            raise CheckpointError(f"checkpoint {self.in_flight} is not in {self.storage.uri} after "
+                                  f"run.checkpoint_timeout_seconds={self.timeout:g}: the store does not answer")
+        if self.in_flight in self.failed:
+            raise self.failed[self.in_flight]

@@ -15,6 +15,7 @@ from mae.transforms import eval_crops, normalize_on_device
 from mae.visualize import grid_png, reconstruct
 from pipelines.common.config import ModelConfig
 from pipelines.common.schedule import Schedule
+from pipelines.data.reading import Retry
 from pipelines.output.metrics import RunMetrics
 from pipelines.output.run_files import record_attempt
 from pipelines.worker.checkpointing import CheckpointWriter
@@ -104,7 +105,9 @@ class Reporter:
         """This start's reporter; rank 0 opens the run files as the checkpoint left them, the
         figures' fixed inputs (pretraining) and records the start in attempts.jsonl."""
         cfg, task = job.cfg, task_of(job.cfg)
-        reporter = cls(worker, run_record(cfg, worker.world, sched.accum_iter), CheckpointWriter(job.storage))
+        writer = CheckpointWriter(job.storage, retry=Retry(cfg.run.checkpoint_upload_retries, 1.0, 30.0),
+                                  timeout=cfg.run.checkpoint_timeout_seconds)
+        reporter = cls(worker, run_record(cfg, worker.world, sched.accum_iter), writer)
         if not worker.is_chief:
             return reporter
         tracker = None
