@@ -24,3 +24,24 @@ def job_actor(actor_class, prefix: str):
         _handles[name] = actor_class.options(name=name, get_if_exists=True, scheduling_strategy=here,
                                              max_restarts=-1, max_task_retries=-1).remote()
     return _handles[name]
+
+
+@ray.remote(num_cpus=0)
+class RunFence:
+    """Why this job must stop writing its run directory (its driver lost the lease), or None.
+    The driver sets it; rank 0 reads it before each write of the run's files and checkpoints.
+    A restart of its process empties it: the driver's abort of the run still stops the job."""
+
+    def __init__(self):
+        self.why: str | None = None
+
+    def set(self, why: str) -> None:
+        self.why = why
+
+    def get(self) -> str | None:
+        return self.why
+
+
+def run_fence():
+    """This job's `RunFence` (the driver's call creates it on the driver's node)."""
+    return job_actor(RunFence, "mae-fence")

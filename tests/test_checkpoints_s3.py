@@ -143,7 +143,7 @@ def test_a_checkpoint_upload_is_retried_kept_until_it_lands_and_a_final_failure_
     503 SlowDown: past the S3 client's 3 attempts it lands on our retry, the staged copy kept
     until then; refused every time, it raises, and raises the same at once when called again
     (Ray Train's own retry), as the training thread's next wait does."""
-    from pipelines.data.reading import Retry
+    from cluster.storage import Retry
     from pipelines.worker.checkpointing import CheckpointError, CheckpointWriter
     from s3_proxy import SLOW_DOWN, S3Proxy
     refusals, staged = {"n": 4}, []

@@ -423,13 +423,19 @@ def test_no_credential_anywhere_after_an_s3_run(ray_cluster, s3_server, digits, 
 @pytest.mark.slow
 def test_a_second_submission_of_a_live_run_stops_at_once_and_a_dead_ones_lease_is_taken_over(
         ray_cluster, digits, tmp_path):
+    """A second submission of a live run stops within a quarter of the lease's ttl, naming the
+    live driver. Then another driver takes the lease over (as one that judged it stale would):
+    the first driver stops its run within a renewal, exit 1, naming the new holder, and neither
+    it nor rank 0 writes the run directory again. The new holder never renews (it is gone):
+    a third submission takes its lease over after watching it unchanged for its ttl."""
     import re
-    import signal
 
     from conftest import read_jsonl, run_pretrain, wait_for
     run = tmp_path / "one"
-    args = (f"data.path={digits}", f"run.storage_path={tmp_path}", "run.name=one", "run.lease_ttl_seconds=6")
+    args = (f"data.path={digits}", f"run.storage_path={tmp_path}", "run.name=one", "run.lease_ttl_seconds=20")
     first = run_pretrain(*args, "train.epochs=20", wait=False)
+    lines = []
+    threading.Thread(target=lambda: lines.extend(first.stdout), daemon=True).start()  # never a full pipe
     try:
         wait_for(lambda: (run / "attempts.jsonl").exists(), 300, "the first run's workers")
         config = (run / "config.yaml").stat().st_mtime_ns
@@ -438,18 +444,36 @@ def test_a_second_submission_of_a_live_run_stops_at_once_and_a_dead_ones_lease_i
         assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
         last = second.stderr.strip().splitlines()[-1]
         assert re.fullmatch(rf"error: run directory {run} is in use by the driver of Ray job \w+ \(pid {first.pid} "
-                            rf"on host .*, cluster .*\), lease renewed \d+ s ago; stop it with `kill {first.pid}` on "
-                            r".*, or wait for it to end", last), last
+                            rf"on host .*, cluster .*\), its lease renewed while this process watched it; stop it "
+                            rf"with `kill {first.pid}` on .*, or wait for it to end", last), last
         assert time.monotonic() - t0 < 60  # at once: before any cluster resource is asked for
         assert (run / "config.yaml").stat().st_mtime_ns == config  # the second wrote nothing
         assert len(read_jsonl(run / "attempts.jsonl")) == 1
+
+        taker = {"job_id": None, "submission_id": None, "cluster": None, "host": "elsewhere", "pid": 4242,
+                 "acquired": time.time(), "renewed": time.time(), "ttl": 20.0, "token": "the-new-holder"}
+        (run / "lease.json.tmp").write_text(json.dumps(taker))
+        os.replace(run / "lease.json.tmp", run / "lease.json")
+        taken = time.monotonic()
+        first.wait(timeout=120)
+        stopped = time.monotonic()
     finally:
-        first.send_signal(signal.SIGKILL)  # the driver dies without giving its lease back
+        first.kill()
         first.wait()
-    lease = json.loads((run / "lease.json").read_text())
-    assert lease["pid"] == first.pid
-    time.sleep(max(0.0, lease["renewed"] + lease["ttl"] - time.time()))  # the dead driver's lease expires
+    time.sleep(0.5)  # the reader thread takes the last lines
+    out = "".join(lines)
+    assert first.returncode == 1, out[-3000:]
+    assert (f"error: lost the lease of run directory {run}: it is now held by process pid 4242 on host elsewhere; "
+            "this driver stopped the run, which wrote nothing after it learned") in out, out[-3000:]
+    assert stopped - taken < 20 / 4 + 60  # a renewal finds it, then Ray Train's abort
+    written = {p: p.stat().st_mtime for p in run.rglob("*") if p.is_file()}
+    assert json.loads((run / "lease.json").read_text())["token"] == "the-new-holder"  # not given back: not ours
+    epochs = read_jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").exists() else []
+    assert len(epochs) < 20 and len(read_jsonl(run / "attempts.jsonl")) == 1  # stopped, not restarted
+    time.sleep(3)
+    assert {p: p.stat().st_mtime for p in run.rglob("*") if p.is_file()} == written  # nothing straggles in
+
     third = run_pretrain(*args, "train.epochs=1", "optim.warmup_epochs=0.5", timeout=600)
     assert third.returncode == 0, third.stdout[-2000:] + third.stderr[-2000:]
-    assert f"pid {first.pid}" in third.stderr and "taking over" in third.stderr.lower(), third.stderr[-2000:]
+    assert "taking over" in third.stderr.lower() and "pid 4242 on host elsewhere" in third.stderr, third.stderr[-2000:]
     assert not (run / "lease.json").exists()  # given back at the end

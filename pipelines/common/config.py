@@ -271,8 +271,13 @@ class RunConfig:
     """The longest the next checkpoint waits for the one in flight (its write, upload and
     retries) before the run stops with an error naming it: a store that hangs."""
     lease_ttl_seconds: float = 60.0
-    """The driver renews the run directory's lease (lease.json) every quarter of this; a
-    lease older than this belongs to a driver that is gone and is taken over."""
+    """The driver renews the run directory's lease (lease.json) every quarter of this. A
+    submission that finds a lease watches it: renewed meanwhile, it stops naming the live
+    driver; unchanged for this long, it takes it over. A driver that cannot renew for 3/4 of
+    this counts its lease lost and stops the run (exit 1)."""
+    lease_without_conditional_writes: bool = False
+    """Accept an S3 store that ignores conditional writes (If-None-Match / If-Match, found by a
+    probe at start): the lease then cannot stop two drivers writing the run together."""
     mlflow_tracking_uri: str | None = None
     """Also log to this MLflow tracking server (e.g. http://mlflow.internal:5000; needs the
     `mlflow` extra): params, per-step loss and lr, per-epoch metrics, figures. Its credentials

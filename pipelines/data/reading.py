@@ -14,21 +14,19 @@ shard that ends before the count it promised, a whole shard) is logged with wher
 and yields one lost sample (`data=None`) per image it held, which the stream counts as
 skipped. Only the readers' own arguments can make them raise.
 """
-import errno
 import fnmatch
 import itertools
 import json
 import logging
 import re
 import tarfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from cluster.storage import Storage, open_storage
+from cluster.storage import PERMANENT, Retry, Storage, open_storage, transient  # noqa: F401 (ours too)
 from pipelines.common.errors import FatalError, one_line
 
 logger = logging.getLogger(__name__)
@@ -47,49 +45,6 @@ class DataError(FatalError, ValueError):
 # --------------------------------------------------------------------------------------
 # Retrying storage
 # --------------------------------------------------------------------------------------
-
-PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
-TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED,
-                    errno.ECONNABORTED, errno.EPIPE, errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN,
-                    errno.ESTALE}
-PERMANENT_AWS = ("ACCESS_DENIED", "NO_SUCH", "INVALID", "SIGNATURE", "MISSING", "UNRECOGNIZED_CLIENT")
-
-
-def transient(e: BaseException) -> bool:
-    """A storage error that may pass: a lost connection or a timeout, an errno such as EIO or
-    ESTALE, an S3 request error other than a refused or missing key. Not: a missing file, a
-    refused permission, or bytes that do not parse (tarfile.ReadError, pyarrow's ArrowInvalid
-    and its OSErrors without an errno, such as "Couldn't deserialize thrift"): reading them
-    again gives the same bytes."""
-    if not isinstance(e, OSError) or isinstance(e, PERMANENT):
-        return False
-    if isinstance(e, (ConnectionError, TimeoutError)) or e.errno in TRANSIENT_ERRNOS:
-        return True
-    message = str(e)
-    return "AWS Error" in message and not any(code in message for code in PERMANENT_AWS)
-
-
-@dataclass(frozen=True)
-class Retry:
-    """Retries of a transient storage error: up to `attempts` more tries, waiting `backoff`
-    seconds before the first and twice as long before each next one, at most `max_wait`."""
-    attempts: int = 3
-    backoff: float = 0.5
-    max_wait: float = float("inf")
-
-    def call(self, fn, what: str, spent: int = 0):
-        """`fn()`, tried again while it raises a transient error; `spent`: retries the same
-        read has had already (a tar shard, read on after each retry, has one budget)."""
-        for k in range(spent, self.attempts + 1):
-            try:
-                return fn()
-            except Exception as e:
-                if not transient(e) or k == self.attempts:
-                    raise
-                wait = min(self.backoff * 2 ** k, self.max_wait)
-                logger.warning("%s: %s; retry %d of %d in %.1f s", what, one_line(e), k + 1, self.attempts, wait)
-                time.sleep(wait)
-
 
 # --------------------------------------------------------------------------------------
 # Listing

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import ray
 import ray.train
 
-from cluster.lease import Lease, LeaseHeld
+from cluster.actors import run_fence
+from cluster.lease import Lease, LeaseHeld, UnsafeStore
 from cluster.preflight import PreflightError, check_cluster
 from cluster.ray_compat import hide_raylet_notices
 from cluster.storage import Storage
@@ -132,8 +133,9 @@ def main(argv=None, task: str = "pretrain", doc: str = "") -> int:
         print(f"{len(classes.val)} validation images from {classes.val.uri}; {classes.num_classes} classes")
     start_ray(cfg.run.verbose)
     try:
-        lease = Lease.acquire(cfg.run_storage(), ttl=cfg.run.lease_ttl_seconds)
-    except LeaseHeld as e:
+        lease = Lease.acquire(cfg.run_storage(), ttl=cfg.run.lease_ttl_seconds,
+                              unsafe_store=cfg.run.lease_without_conditional_writes)
+    except (LeaseHeld, UnsafeStore) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
@@ -190,22 +192,53 @@ def run(cfg: Config, source: Source, lease: Lease, classes: Classes | None = Non
         print(f"error: {e}", file=sys.stderr)
         return 2
     run_dir = cfg.run_storage()
+    fence_lease(lease)
+    if lease.lost:
+        return lost(lease)
+    handler = signal.getsignal(signal.SIGINT)
     try:
         result = fit(cfg, source, classes)
     except ray.train.TrainingFailedError as e:
+        if lease.lost:
+            return lost(lease)
         recorded = ended_by(run_dir, ray.get_runtime_context().get_job_id())
         for line in [recorded] if recorded else failure_lines(e, run_dir):
             print(f"error: {line}", file=sys.stderr)
         return 1
+    except SystemExit:  # Ray Train's SIGINT handler exits 0 when the controller is gone already
+        if lease.lost:
+            return lost(lease)
+        raise
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Ray Train's, which aborts its controller, ends with fit()
     if lease.lost:
-        print(f"warning: this run's lease was lost while it trained ({lease.lost}): another driver may have "
-              "written the run directory too", file=sys.stderr)
+        return lost(lease)
     error = ended_by(run_dir, ray.get_runtime_context().get_job_id())
     if error is not None:  # an error a restart would meet again: the run ended once, not retried
         print(f"error: {error}", file=sys.stderr)
         return 1
     print("\n".join(outcome_lines(cfg, run_dir, result)))
     return 0
+
+
+def fence_lease(lease: Lease) -> None:
+    """When the lease is lost: rank 0 is told to write nothing more (`run_fence`), and the run
+    is aborted as Ctrl-C aborts it (SIGINT to this process: Ray Train's handler, registered in
+    `fit()`, aborts its controller and the workers); the driver then exits 1 (`lost`)."""
+    fence = run_fence()
+
+    def stop(why: str) -> None:
+        ray.get(fence.set.remote(why))
+        if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:  # inside fit(): Ray Train's
+            os.kill(os.getpid(), signal.SIGINT)
+
+    lease.on_lost(stop)
+
+
+def lost(lease: Lease) -> int:
+    print(f"error: {lease.lost}; this driver stopped the run, which wrote nothing after it learned",
+          file=sys.stderr)
+    return 1
 
 
 def outcome_lines(cfg: Config, run_dir: Storage, result: ray.train.Result) -> list[str]:

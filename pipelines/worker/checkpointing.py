@@ -11,10 +11,9 @@ import ray.train
 import torch
 from ray.train import CheckpointUploadMode
 
-from cluster.storage import Storage
+from cluster.storage import Retry, Storage
 from mae.checkpoint import CHECKPOINT_FILE, save_checkpoint
-from pipelines.common.errors import one_line
-from pipelines.data.reading import Retry
+from pipelines.common.errors import FatalError, one_line
 from pipelines.worker.state import BEST, State
 
 
@@ -83,8 +82,9 @@ class CheckpointWriter:
     again after it raised: it then raises the same error at once."""
 
     def __init__(self, storage: Storage, synchronous: bool = False, retry: Retry = Retry(5, 1.0, 30.0),
-                 timeout: float = 3600.0):
+                 timeout: float = 3600.0, fenced=lambda: None):
         self.storage, self.synchronous, self.retry, self.timeout = storage, synchronous, retry, timeout
+        self.fenced = fenced  # raises when the run must write nothing more (its driver lost the lease)
         self.idle = threading.Event()
         self.idle.set()
         self.in_flight: str | None = None
@@ -118,6 +118,7 @@ class CheckpointWriter:
         staged = os.path.join(folder, CHECKPOINT_FILE)
 
         def write(each: str) -> None:
+            self.fenced()
             if local:
                 os.makedirs(self.storage.path(each), exist_ok=True)
                 save_checkpoint(host, os.path.join(self.storage.path(each), CHECKPOINT_FILE))
@@ -130,6 +131,9 @@ class CheckpointWriter:
         try:
             for each in names:
                 self.retry.call(lambda: write(each), f"checkpoint {each} to {self.storage.uri}")
+        except FatalError:  # fenced: the driver lost the run's lease
+            self._done(folder)
+            raise
         except Exception as e:
             self.failed[name] = CheckpointError(
                 f"checkpoint {name} was not saved to {self.storage.uri} (retries: {self.retry.attempts}): "

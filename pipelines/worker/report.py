@@ -9,13 +9,15 @@ import ray
 import ray.train
 import torch
 
+from cluster.actors import run_fence
+from cluster.storage import Retry
 from mae.checkpoint import checkpoint_dir_name
 from mae.model import preset
 from mae.transforms import eval_crops, normalize_on_device
 from mae.visualize import grid_png, reconstruct
 from pipelines.common.config import ModelConfig
+from pipelines.common.errors import FatalError
 from pipelines.common.schedule import Schedule
-from pipelines.data.reading import Retry
 from pipelines.output.metrics import RunMetrics
 from pipelines.output.run_files import record_attempt
 from pipelines.worker.checkpointing import CheckpointWriter
@@ -105,8 +107,16 @@ class Reporter:
         """This start's reporter; rank 0 opens the run files as the checkpoint left them, the
         figures' fixed inputs (pretraining) and records the start in attempts.jsonl."""
         cfg, task = job.cfg, task_of(job.cfg)
+        fence = run_fence()
+
+        def fenced() -> None:
+            """Before each write of the run directory: raise when the driver lost its lease."""
+            why = ray.get(fence.get.remote())
+            if why is not None:
+                raise FatalError(f"rank 0 writes nothing more: {why}")
+
         writer = CheckpointWriter(job.storage, retry=Retry(cfg.run.checkpoint_upload_retries, 1.0, 30.0),
-                                  timeout=cfg.run.checkpoint_timeout_seconds)
+                                  timeout=cfg.run.checkpoint_timeout_seconds, fenced=fenced)
         reporter = cls(worker, run_record(cfg, worker.world, sched.accum_iter), writer)
         if not worker.is_chief:
             return reporter
@@ -132,12 +142,14 @@ class Reporter:
         """`best`: this epoch's validation top-1 is the run's best so far; its checkpoint is
         also kept as best/checkpoint.pth."""
         if self.worker.is_chief:
+            self.writer.fenced()
             png = self.figures.reconstructions(state.model, metrics["epoch"]) if self.figures else None
             self.metrics.epoch(metrics, log.records(state.step), png)
         self._report(state, metrics, best)
 
     def mid_epoch(self, state: State, metrics: dict, log: EpochLog) -> None:
         if self.worker.is_chief:
+            self.writer.fenced()
             self.metrics.steps(log.records(state.step))
         self._report(state, metrics)
 
