@@ -432,7 +432,7 @@ def test_a_second_submission_of_a_live_run_stops_at_once_and_a_dead_ones_lease_i
 
     from conftest import read_jsonl, run_pretrain, wait_for
     run = tmp_path / "one"
-    args = (f"data.path={digits}", f"run.storage_path={tmp_path}", "run.name=one", "run.lease_ttl_seconds=20")
+    args = (f"data.path={digits}", f"run.storage_path={tmp_path}", "run.name=one", "run.lease_ttl_seconds=12")
     first = run_pretrain(*args, "train.epochs=20", wait=False)
     lines = []
     threading.Thread(target=lambda: lines.extend(first.stdout), daemon=True).start()  # never a full pipe
@@ -451,7 +451,7 @@ def test_a_second_submission_of_a_live_run_stops_at_once_and_a_dead_ones_lease_i
         assert len(read_jsonl(run / "attempts.jsonl")) == 1
 
         taker = {"job_id": None, "submission_id": None, "cluster": None, "host": "elsewhere", "pid": 4242,
-                 "acquired": time.time(), "renewed": time.time(), "ttl": 20.0, "token": "the-new-holder"}
+                 "acquired": time.time(), "renewed": time.time(), "ttl": 12.0, "token": "the-new-holder"}
         (run / "lease.json.tmp").write_text(json.dumps(taker))
         os.replace(run / "lease.json.tmp", run / "lease.json")
         taken = time.monotonic()
@@ -465,7 +465,7 @@ def test_a_second_submission_of_a_live_run_stops_at_once_and_a_dead_ones_lease_i
     assert first.returncode == 1, out[-3000:]
     assert (f"error: lost the lease of run directory {run}: it is now held by process pid 4242 on host elsewhere; "
             "this driver stopped the run, which wrote nothing after it learned") in out, out[-3000:]
-    assert stopped - taken < 20 / 4 + 60  # a renewal finds it, then Ray Train's abort
+    assert stopped - taken < 12 / 4 + 60  # a renewal finds it, then Ray Train's abort
     written = {p: p.stat().st_mtime for p in run.rglob("*") if p.is_file()}
     assert json.loads((run / "lease.json").read_text())["token"] == "the-new-holder"  # not given back: not ours
     epochs = read_jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").exists() else []

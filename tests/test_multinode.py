@@ -28,7 +28,11 @@ def cluster():
     """A head node (the drivers, Ray Train's controller, decoding) and three training nodes;
     tests add and remove nodes. Separate from the shared single-node cluster."""
     from ray.cluster_utils import Cluster
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 150 * MB})
+    # A killed node is found dead after 3 failed health checks 0.5 s apart (Ray's default: 5
+    # checks 3 s apart, 15 s). The checks' own timeout stays Ray's 10 s: a busy node is not dead.
+    health = {"health_check_initial_delay_ms": 1000, "health_check_period_ms": 500, "health_check_failure_threshold": 3}
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 150 * MB,
+                                                      "_system_config": health})
     for _ in range(3):
         c.add_node(**TRAIN_NODE)
     c.wait_for_nodes()
