@@ -46,17 +46,21 @@ def _free_port() -> int:
         return port
 
 
-def stop_cluster(temp_dir: str) -> None:
+def stop_cluster(temp_dir: str, gcs_port: int | None = None) -> None:
     """Stop the Ray cluster this process started: kill its daemons (GCS, raylet, dashboard,
     log monitor: each names the cluster's temp dir on its command line; its workers exit when
-    their raylet does). Never `ray stop --force`, which stops every Ray on the machine,
-    another suite's included."""
+    their raylet does) and its Ray client server (which names only the GCS address, hence
+    `gcs_port`; left alone it outlives the cluster). Never `ray stop --force`, which stops
+    every Ray on the machine, another suite's included."""
+    import re
     import signal
+    client_server = re.compile(rb"ray\.util\.client\.server\x00.*--address=[^\x00]*:%d\x00" % (gcs_port or -1), re.S)
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if temp_dir.encode() in f.read():
-                    os.kill(int(pid), signal.SIGKILL)
+                cmdline = f.read()
+            if temp_dir.encode() in cmdline or client_server.search(cmdline):
+                os.kill(int(pid), signal.SIGKILL)
         except (OSError, ProcessLookupError):
             pass
     shutil.rmtree(temp_dir, ignore_errors=True)
@@ -87,7 +91,7 @@ def ray_cluster():
     finally:
         import ray
         ray.shutdown()
-        stop_cluster(temp_dir)
+        stop_cluster(temp_dir, int(address.split(":")[1]))
         os.environ.pop("RAY_ADDRESS", None)
 
 
@@ -263,8 +267,7 @@ def mlflow_view(server: str, run_dir) -> dict:
 # module stays on one worker (its module-scoped fixtures are made once), the modules that
 # share a session fixture stay together, and the modules are split in two halves of about
 # equal time, from the suite's own --durations (README); the rest go where a worker is free.
-HALF_A = ("test_multinode", "test_cluster_e2e", "test_console", "test_evaluate", "test_hf", "test_cluster",
-          "test_lease")
+HALF_A = ("test_multinode", "test_cluster_e2e", "test_console", "test_evaluate", "test_hf", "test_cluster")
 HALF_B = ("test_pretrain_e2e", "test_finetune_e2e", "test_hostile", "test_sources",
           "test_benchmarks")  # test_pretrain_e2e and test_finetune_e2e share pretrained_run
 GROUPS = {**dict.fromkeys(HALF_A, "half-a"), **dict.fromkeys(HALF_B, "half-b")}

@@ -138,6 +138,7 @@ def test_results_reads_the_best_epoch_of_run_directories_on_s3(s3_server, capsys
     assert "has no evaluated epoch" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # waits out the S3 client's retries
 def test_a_checkpoint_upload_is_retried_kept_until_it_lands_and_a_final_failure_is_raised(s3_server, tmp_path):
     """The upload function Ray Train calls, against the S3 server behind a proxy answering
     503 SlowDown: past the S3 client's 3 attempts it lands on our retry, the staged copy kept

@@ -110,6 +110,7 @@ def test_unrenewed_lease_is_taken_over_after_a_ttl_of_watching(run_dir, caplog):
     assert 1.0 <= time.monotonic() - t0 < 3.0 and "pid 123" in caplog.text
 
 
+@pytest.mark.slow  # waits out real ttls: in `make test`, not the inner loop
 def test_a_live_holder_whose_clock_is_an_hour_behind_is_not_taken_over(run_dir):
     """Its `renewed` times say an hour ago; it renews all the same, and that is what is judged."""
     with Lease.acquire(run_dir, holder(123), ttl=5.0, clock=lambda: time.time() - 3600) as behind:
@@ -127,6 +128,7 @@ def test_corrupt_lease_is_taken_over(run_dir, caplog):
     assert "is not a lease" in caplog.text
 
 
+@pytest.mark.slow  # waits out real ttls: in `make test`, not the inner loop
 def test_keep_alive_renews_past_the_ttl(run_dir):
     with Lease.acquire(run_dir, holder(123), ttl=5.0) as held:  # 5 s: renewals fsync, on a busy disk too
         acquired = on_disk(run_dir)["renewed"]
@@ -138,6 +140,7 @@ def test_keep_alive_renews_past_the_ttl(run_dir):
     assert released(run_dir)  # on leaving the block
 
 
+@pytest.mark.slow  # waits out real ttls: in `make test`, not the inner loop
 def test_killed_holder_is_taken_over_after_its_ttl(run_dir, caplog):
     child = subprocess.Popen([sys.executable, "-c", HOLDER_SCRIPT, run_dir.uri, run_dir.endpoint or ""], cwd=ROOT,
                              env=os.environ, stderr=subprocess.PIPE, text=True)

@@ -185,7 +185,7 @@ def autoscaling_head(tmp_path):
     try:
         yield f"127.0.0.1:{port}"
     finally:
-        stop_cluster(temp_dir)
+        stop_cluster(temp_dir, port)
 
 
 def test_preflight_counts_the_nodes_the_autoscaler_can_launch(autoscaling_head, digits, tmp_path):

@@ -325,6 +325,7 @@ def test_the_next_epoch_decodes_while_this_one_is_read_each_with_its_own_order_a
     assert not crops[0] & crops[1]  # fresh crops every epoch
 
 
+@pytest.mark.slow  # a real kill of the ledger's process and Ray's restart of it
 def test_the_skip_ledger_survives_its_process_a_lost_count_costs_a_warning(ray_client, photos, tmp_path, caplog):
     """The ledger's process killed in the middle of an epoch: Ray restarts it, the epochs open
     then report 0 with a warning (at once, not after the 60 s wait for missing reports), and
