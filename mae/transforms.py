@@ -18,6 +18,7 @@ file's name; Pillow's own limit is `data.max_pixels` while it opens and decodes.
 """
 import io
 import math
+import random
 import re
 import struct
 import warnings
@@ -296,11 +297,14 @@ def apply_rand_augment(crop: torch.Tensor, policy: str) -> torch.Tensor:
     return torch.from_numpy(np.array(out, dtype=np.uint8))
 
 
-def decode_crop_batch(blobs, size: int, rng: np.random.Generator, augment: Augment | None = PRETRAIN,
+def decode_crop_batch(blobs, size: int, rng, augment: Augment | None = PRETRAIN,
                       max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES):
     """Decode + crop + flip (+ RandAugment) a batch of encoded images, the view `augment`
     (None: resize + centre crop instead, the evaluation view), each checked against the
-    budget (`check_limits`) before it is decoded.
+    budget (`check_limits`) before it is decoded. `rng`: a numpy Generator for the whole
+    batch, or one per image (the stream's: an image's view then depends on its own generator
+    only). RandAugment, which draws from Python's `random` and numpy's global generator as
+    timm's pipeline does, has both seeded from the image's generator first.
 
     Returns (uint8 array [B_ok, size, size, 3], indices of the blobs that decoded, errors
     as {index: message} for the ones that did not). Any exception of one image makes it an
@@ -308,7 +312,8 @@ def decode_crop_batch(blobs, size: int, rng: np.random.Generator, augment: Augme
     """
     images = np.empty((len(blobs), size, size, 3), dtype=np.uint8)
     ok, errors = [], {}
-    for i, data in enumerate(blobs):
+    rngs = rng if isinstance(rng, (list, tuple)) else [rng] * len(blobs)
+    for i, (data, rng) in enumerate(zip(blobs, rngs, strict=True)):
         try:
             check_limits(data, max_pixels, max_bytes)
             crop = jpeg_crop_flip(data, size, rng, augment.scale, max_pixels) if augment else None
@@ -316,6 +321,9 @@ def decode_crop_batch(blobs, size: int, rng: np.random.Generator, augment: Augme
                 img = _decode_rgb(data, max_pixels)
                 crop = random_crop_flip(img, size, rng, augment.scale) if augment else eval_resize_crop(img, size)
             if augment and augment.rand_augment:
+                seeds = rng.integers(2**32, size=2)
+                random.seed(int(seeds[0]))
+                np.random.seed(int(seeds[1]))
                 crop = apply_rand_augment(crop, augment.rand_augment)
             torch.from_numpy(images[len(ok)]).copy_(crop)
         except ValueError as e:

@@ -88,17 +88,21 @@ def test_finetune_view_applies_timms_own_rand_augment_as_create_transform_builds
     blobs = [_jpeg(i) for i in range(32)]
     plain = Augment((0.08, 1.0))
     auto = Augment((0.08, 1.0), "rand-m9-mstd0.5-inc1")
-    a, ok_a, err_a = decode_crop_batch(blobs, 32, np.random.default_rng(5), augment=plain)
-    random.seed(0), np.random.seed(0)  # timm draws its ops from numpy's global generator, the rest from `random`
-    b, ok_b, err_b = decode_crop_batch(blobs, 32, np.random.default_rng(5), augment=auto)
+    a, ok_a, err_a = decode_crop_batch(blobs, 32, [np.random.default_rng([5, i]) for i in range(32)], augment=plain)
+    b, ok_b, err_b = decode_crop_batch(blobs, 32, [np.random.default_rng([5, i]) for i in range(32)], augment=auto)
     assert a.shape == b.shape == (32, 32, 32, 3) and a.dtype == b.dtype == np.uint8
     assert ok_a == ok_b == list(range(32)) and not err_a and not err_b
     official = create_transform(32, is_training=True, auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic",
                                 re_prob=0.25, re_mode="pixel", re_count=1)  # main_finetune.py's build_transform
     timm_ra = next(t for t in official.transforms if isinstance(t, RandAugment))
-    random.seed(0), np.random.seed(0)
-    want = np.stack([np.asarray(timm_ra(Image.fromarray(x))) for x in a])
-    np.testing.assert_array_equal(b, want)  # the same crops through timm's own ops, same draws, same pixels
+    want = []
+    for i, crop in enumerate(a):  # timm draws its ops from numpy's global generator, the rest from `random`:
+        rng = np.random.default_rng([5, i])  # each image seeds both from its own generator, after its crop's draws
+        decode_crop_batch([blobs[i]], 32, rng, augment=plain)
+        seeds = rng.integers(2**32, size=2)
+        random.seed(int(seeds[0])), np.random.seed(int(seeds[1]))
+        want.append(np.asarray(timm_ra(Image.fromarray(crop))))
+    np.testing.assert_array_equal(b, np.stack(want))  # the same crops through timm's own ops, same draws, same pixels
     assert sum(not np.array_equal(x, y) for x, y in zip(a, b)) >= 12  # 2 ops per image, each p=0.5
 
 

@@ -9,6 +9,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import ray
 
 NAMES = ("train_even_epochs", "train_odd_epochs")  # the lanes' dataset names in Ray Train
@@ -19,7 +20,7 @@ def __getattr__(name: str):
     planning processes import this module and need no torch."""
     if name == "DTYPES":
         import torch
-        return {"image": torch.uint8, "label": torch.int64, "skipped": torch.int8}
+        return {"image": torch.uint8, "label": torch.int64, "skipped": torch.int8, "position": torch.int64}
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -48,12 +49,16 @@ class EpochStreams:
         self.lanes, self.key, self.ledger, self.plans, self.batches = lanes, key, ledger, plans, batches
         self.ahead: _Started | None = None
 
-    def epoch(self, epoch: int, first_iteration: int = 0, following: int | None = None) -> Iterator[dict]:
-        """Epoch `epoch`'s batches (a resumed one from micro-batch `first_iteration` on: its
-        order is drawn anew); once the first is out, epoch `following` starts ahead."""
+    def epoch(self, epoch: int, first_iteration: int = 0, following: int | None = None,
+              trained: list | None = None) -> Iterator[dict]:
+        """Epoch `epoch`'s batches; once the first is out, epoch `following` starts ahead. A
+        resumed epoch (from micro-batch `first_iteration`): with `trained`, the runs of
+        positions already trained at the same worker count, it is the same order, whose
+        trained images are read but not decoded (their rows are blank; the train loop drops
+        them); without, the rest of the epoch is drawn anew."""
         started, self.ahead = self.ahead, None
         if started is None:
-            started = self._start(epoch, first_iteration)
+            started = self._start(epoch, first_iteration, trained)
         elif started.epoch != epoch:
             raise RuntimeError(f"epoch {started.epoch} was started ahead, not epoch {epoch}")
         first = started.first()
@@ -71,13 +76,13 @@ class EpochStreams:
             if started.rest is not None:
                 started.rest.close()
 
-    def _start(self, epoch: int, first_iteration: int) -> "_Started":
+    def _start(self, epoch: int, first_iteration: int, trained: list | None = None) -> "_Started":
         lane, started = epoch % 2, _Started(epoch)
 
         def begin():
             try:
                 if self.plans:
-                    ray.get(self.ledger.plan.remote(self.key, lane, epoch, first_iteration))
+                    ray.get(self.ledger.plan.remote(self.key, lane, epoch, first_iteration, trained))
                 started.rest = iter(self.lanes[lane].iter_torch_batches(**self.batches))
                 started.head = next(started.rest, None)  # waits at the split's barrier, then for the first batch
             except BaseException as e:  # raised where the epoch is read
@@ -102,3 +107,38 @@ class _Started:
         if self.error is not None:
             raise self.error
         return self.head
+
+
+# Positions: each row of an epoch carries `position`, the place of its image in that epoch's
+# order (pipelines/data/stream.py). A set of positions travels as runs, [start, end) pairs,
+# sorted and merged: the images trained so far in an epoch are a few runs whatever its size.
+
+def runs_of(positions) -> list[list[int]]:
+    """The runs of a collection of positions (ints, any order, repeats allowed)."""
+    p = np.unique(np.asarray(positions, dtype=np.int64))
+    if not len(p):
+        return []
+    breaks = np.flatnonzero(np.diff(p) != 1) + 1
+    starts, ends = p[np.r_[0, breaks]], p[np.r_[breaks - 1, len(p) - 1]] + 1
+    return [[int(a), int(b)] for a, b in zip(starts, ends)]
+
+
+def merge_runs(*many) -> list[list[int]]:
+    """The union of lists of runs, as runs."""
+    out = []
+    for a, b in sorted((int(a), int(b)) for runs in many for a, b in runs):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
+
+
+def within(positions, runs) -> np.ndarray:
+    """Whether each of `positions` lies in one of `runs` (a bool array)."""
+    positions = np.asarray(positions, dtype=np.int64)
+    if not runs:
+        return np.zeros(positions.shape, dtype=bool)
+    starts, ends = np.array([a for a, _ in runs]), np.array([b for _, b in runs])
+    k = np.searchsorted(starts, positions, side="right") - 1
+    return (k >= 0) & (positions < ends[np.maximum(k, 0)])

@@ -40,25 +40,27 @@ COUNTS = ("skipped", "decoded", "decode_seconds")
 @ray.remote(num_cpus=0)
 class SkipCounter:
     def __init__(self):
-        self.plans: dict[str, tuple[int, int, int]] = {}  # lane -> (epoch, first micro-batch, generation)
+        self.plans: dict[str, tuple] = {}  # lane -> (epoch, first micro-batch, generation, trained runs)
         self.generation_of: dict[tuple[str, int], int] = {}  # (stream, epoch) -> its last plan's generation
         self.tasks: dict[int, dict[int, tuple]] = {}  # generation -> read task index -> its counts
         self.expected: dict[int, int] = {}  # generation -> read tasks of the execution
         self.generations = random.getrandbits(40) << 20  # this incarnation's own (see the module's docstring)
 
-    def plan(self, stream: str, lane: int, epoch: int, first_iteration: int = 0) -> None:
+    def plan(self, stream: str, lane: int, epoch: int, first_iteration: int = 0, trained: list | None = None) -> None:
         """The next execution of `stream`'s lane `lane` reads epoch `epoch` from micro-batch
-        `first_iteration`; its counts start from 0."""
+        `first_iteration` (`trained`: the runs of positions already trained, which it reads
+        without decoding: pipelines/data/lanes.py); its counts start from 0."""
         self.generations += 1
         old = self.generation_of.get((stream, epoch))
         self.tasks.pop(old, None)
         self.expected.pop(old, None)
-        self.plans[f"{stream}/{lane}"] = (epoch, first_iteration, self.generations)
+        self.plans[f"{stream}/{lane}"] = (epoch, first_iteration, self.generations, trained)
         self.generation_of[(stream, epoch)] = self.generations
         self.tasks[self.generations] = {}
 
-    def planned(self, stream: str, lane: int) -> tuple[int, int, int] | None:
-        """(epoch, first micro-batch, generation) of the lane's execution; None if never planned."""
+    def planned(self, stream: str, lane: int) -> tuple | None:
+        """(epoch, first micro-batch, generation, trained runs) of the lane's execution; None
+        if never planned."""
         return self.plans.get(f"{stream}/{lane}")
 
     def expect(self, generation: int, tasks: int) -> None:

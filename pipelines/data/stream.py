@@ -33,7 +33,7 @@ import ray.data
 from cluster import ray_compat
 from mae.view import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, PRETRAIN, Augment
 from pipelines.common.errors import one_line
-from pipelines.data.lanes import Lanes
+from pipelines.data.lanes import Lanes, within
 from pipelines.data.reading import (
     DataError,
     Retry,
@@ -78,8 +78,11 @@ def training_stream(source: Source, data: DataConfig, input_size: int, seed: int
                     console: bool = False, augment: Augment | None = PRETRAIN) -> Lanes:
     """The training stream of `source` as two lanes (pipelines/data/lanes.py): two datasets over one
     datasource. Each lane may hold `image_stream`'s default of crops decoded ahead (at most a
-    third of the object store); `data.object_store_memory` bounds both together."""
-    return _lanes(source, data, View(input_size, seed, augment), reserved_cpus, console, 2)
+    third of the object store); `data.object_store_memory` bounds both together. Each lane's
+    blocks leave in the order of its read units (Ray Data's `preserve_order`), so that the
+    rows each training worker gets, and in which batch, follow from the seed alone: the
+    trainer keeps that order for its workers' splits (pipelines/driver/trainer.py)."""
+    return _lanes(source, data, View(input_size, seed, augment), reserved_cpus, console, 2, ordered=True)
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,8 @@ class View:
     augment: Augment | None
 
 
-def _lanes(source: Source, data: DataConfig, view: View, reserved_cpus: float, console: bool, lanes: int) -> Lanes:
+def _lanes(source: Source, data: DataConfig, view: View, reserved_cpus: float, console: bool, lanes: int,
+           ordered: bool = False) -> Lanes:
     resources = ray.cluster_resources()
     concurrency = data.decode_concurrency
     if concurrency is None:
@@ -114,6 +118,7 @@ def _lanes(source: Source, data: DataConfig, view: View, reserved_cpus: float, c
         ray_compat.use_backpressure_policies(ds.context, [DecodeAhead])
         ds.context.custom_execution_callback_classes = [*ds.context.custom_execution_callback_classes, IdleWait]
         ds.context.set_config(DecodeAhead.CONFIG_KEY, (max(ahead_bytes, block_bytes), block_bytes))
+        ds.context.execution_options.preserve_order = ordered
         datasets.append(ds)
     return Lanes(tuple(datasets), datasource.key)
 
@@ -133,39 +138,51 @@ def warn_whole_image_decode() -> None:
 
 
 def decode_batch(blobs: list, labels: list, names: list, size: int, augment: Augment | None = PRETRAIN,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES) -> dict:
-    """Decode + crop (+ flip, + RandAugment: `augment`) a batch of encoded images into a block's columns. Each call
-    draws fresh crops from OS entropy, so every epoch sees new crops. An image that does not
-    decode (or is None: lost by the reader, which logged it) is replaced in its place by a
-    fresh crop of a decodable one of the batch, flagged in `skipped`; if none of the batch
-    decodes, the batch is dropped (no rows)."""
+                 max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES,
+                 positions: list | None = None, seeds: tuple | None = None, trained=None) -> dict:
+    """Decode + crop (+ flip, + RandAugment: `augment`) a batch of encoded images into a
+    block's columns, `position` (default: 0, 1, ...) carried through. Each image's view draws
+    from its own generator, seeded by `seeds` + (its position,), so that it depends on the
+    run's seed, the epoch and the image's place in it only; with `seeds` None, from OS
+    entropy. An image that does not decode (or is None: lost by the reader, which logged it)
+    is replaced in its place by a fresh crop of a decodable one of the batch, flagged in
+    `skipped`; if none of the batch decodes, its rows are dropped. `trained`: a bool per
+    image already trained in this epoch (a resumed epoch): not decoded, a blank row."""
     from mae.transforms import decode_crop_batch  # torch: here, in the decode tasks, not where the stream is planned
-    rng = np.random.default_rng()
-    lost = [i for i, b in enumerate(blobs) if b is None]
-    images, ok, errors = decode_crop_batch([b"" if b is None else b for b in blobs], size, rng, augment=augment,
-                                           max_pixels=max_pixels, max_bytes=max_bytes)
-    for i, msg in errors.items():
-        if blobs[i] is not None:
-            logger.warning("skipping %s: %s", names[i], msg)
+    n = len(blobs)
+    positions = np.arange(n, dtype=np.int64) if positions is None else np.asarray(positions, dtype=np.int64)
+
+    def generators(slots, *extra):
+        if seeds is None:
+            return [np.random.default_rng() for _ in slots]
+        return [np.random.default_rng([*seeds, int(positions[i]), *extra]) for i in slots]
+
+    todo = [i for i in range(n) if trained is None or not trained[i]]
+    images, decoded, errors = decode_crop_batch([blobs[i] or b"" for i in todo], size, generators(todo),
+                                                augment=augment, max_pixels=max_pixels, max_bytes=max_bytes)
+    ok = [todo[k] for k in decoded]
+    bad = sorted(todo[k] for k in errors)
+    for k, msg in errors.items():
+        if blobs[todo[k]] is not None:
+            logger.warning("skipping %s: %s", names[todo[k]], msg)
     labels = np.asarray(labels, dtype=np.int64)
-    skipped = np.zeros(len(blobs), dtype=np.int8)
-    if not errors:
-        return {"image": images, "label": labels, "skipped": skipped}
-    bad = sorted({*errors, *lost})
-    keep = np.zeros(len(blobs), dtype=bool)
-    keep[ok] = True
-    out = np.empty((len(blobs), size, size, 3), dtype=np.uint8)
+    skipped = np.zeros(n, dtype=np.int8)
+    if len(todo) == n and not bad:
+        return {"image": images, "label": labels, "skipped": skipped, "position": positions}
+    out = np.zeros((n, size, size, 3), dtype=np.uint8)
     out[ok] = images
-    if ok:
-        stand_ins = rng.choice(ok, size=len(bad))
-        extra, extra_ok, _ = decode_crop_batch([blobs[i] for i in stand_ins], size, rng, augment=augment,
-                                               max_pixels=max_pixels, max_bytes=max_bytes)
+    keep = np.ones(n, dtype=bool)
+    keep[bad] = False
+    if bad and ok:  # a stand-in for each, drawn (and cropped) as the bad slot's generators say
+        stand_ins = np.array([g.choice(ok) for g in generators(bad, 1)])
+        extra, extra_ok, _ = decode_crop_batch([blobs[i] for i in stand_ins], size, generators(bad, 2),
+                                               augment=augment, max_pixels=max_pixels, max_bytes=max_bytes)
         filled = [bad[k] for k in extra_ok]
         out[filled] = extra
         labels[filled] = labels[stand_ins[extra_ok]]
         skipped[filled] = 1
         keep[filled] = True
-    return {"image": out[keep], "label": labels[keep], "skipped": skipped[keep]}
+    return {"image": out[keep], "label": labels[keep], "skipped": skipped[keep], "position": positions[keep]}
 
 
 class DecodeAhead(ray_compat.BackpressurePolicy):
@@ -300,33 +317,48 @@ class ImageDatasource(ray.data.Datasource):
         from ray.data.block import BlockMetadata
         from ray.data.datasource import ReadTask
 
-        rng, generation = self._order(data_context)
+        seeds, generation, trained = self._plan(data_context)
         reader = Reader(self.source.fs, self.source.format, self.size, self.augment, self.batch_size,
                         max(1, int(self.cpus)), self.counter, self.retry, self.max_pixels, self.max_bytes,
-                        self.console)
-        units = self.read_units(rng)
+                        self.console, seeds)
+        units = self.read_units(np.random.default_rng(seeds))
         if generation is not None:
             self.counter.expect.remote(generation, len(units))
         fmt, size = self.source.format, self.size
-        return [ReadTask(lambda unit=unit, n=n, index=index: reader(unit, n, index, generation),
+        firsts = np.cumsum([0] + [n for _, n in units]).tolist()  # each unit's first position in the epoch
+        return [ReadTask(lambda unit=unit, n=n, index=index, first=first:
+                         reader(unit, n, index, generation, first, runs_from(trained, first, first + n)),
                          BlockMetadata(num_rows=n, size_bytes=n * size * size * 3, exec_stats=None,
                                        input_files=unit_files(fmt, unit)),
                          per_task_row_limit=per_task_row_limit)
-                for index, (unit, n) in enumerate(units)]
+                for index, ((unit, n), first) in enumerate(zip(units, firsts))]
 
-    def _order(self, data_context) -> tuple[np.random.Generator, int | None]:
-        """The generator of this execution's order, and the generation its counts go under.
-        The epoch this execution reads, as its consumer planned it (skips.py), draws its
-        order: resumed mid-epoch, the rest of the epoch is drawn anew. Unplanned (evaluation,
-        a plain iteration), every execution draws a new order from OS entropy. Ray calls
-        get_read_tasks without a context only to plan (count the tasks)."""
+    def _plan(self, data_context) -> tuple[tuple | None, int | None, list | None]:
+        """This execution's seeds, the generation its counts go under, and the runs of
+        positions it reads without decoding (trained before a resume). The epoch this
+        execution reads, as its consumer planned it (skips.py), seeds its order and its
+        images' views: (train.seed, epoch), so that a run is the same run whatever Ray's
+        scheduling, and an epoch resumed with its trained runs is the same epoch; resumed
+        without them (at another worker count), the rest of the epoch is drawn anew. Unplanned
+        (evaluation, a plain iteration), OS entropy. Ray calls get_read_tasks without a
+        context only to plan (count the tasks)."""
         if data_context is None:  # counting the tasks: any order will do
-            return np.random.default_rng(0), None
+            return (0,), None, None
         plan = ray.get(self.counter.planned.remote(self.key, self.lane_index))
         if plan is None:  # nobody planned this execution: a fresh order, counts not kept
-            return np.random.default_rng(), None
-        epoch, first_iteration, generation = plan
-        return np.random.default_rng([self.seed, epoch, first_iteration]), generation
+            return tuple(np.random.SeedSequence().generate_state(2).tolist()), None, None
+        epoch, first_iteration, generation, trained = plan
+        if first_iteration and trained is None:
+            return (self.seed, epoch, first_iteration), generation, None
+        return (self.seed, epoch), generation, trained
+
+
+def runs_from(runs: list | None, start: int, end: int) -> list | None:
+    """The parts of `runs` within [start, end); None where there are none."""
+    if not runs:
+        return None
+    out = [[max(a, start), min(b, end)] for a, b in runs if a < end and b > start]
+    return out or None
 
 
 def unit_files(fmt: str, unit) -> tuple[str, ...]:
@@ -350,6 +382,7 @@ class Reader:
     max_pixels: int
     max_bytes: int
     console: bool
+    seeds: tuple | None  # of the execution: each image's view is drawn from seeds + (its position,)
 
     def __setstate__(self, state: dict) -> None:
         """Unpickled in the decode worker, before its task runs: the pixel code (torch,
@@ -370,7 +403,9 @@ class Reader:
                                offset=unit[1], limit=unit[2])
         return tar_samples(self.fs, unit, expected=n, retry=self.retry, max_bytes=self.max_bytes)
 
-    def __call__(self, unit, n: int, index: int, generation: int | None):
+    def __call__(self, unit, n: int, index: int, generation: int | None, first: int = 0, trained: list | None = None):
+        """Read task `index`: unit `unit` of `n` images, the first at position `first` of the
+        execution's order; `trained`: runs of positions not to decode (see `decode_batch`)."""
         import torch
         torch.set_num_threads(self.threads)  # one decoder per CPU it holds; no oversubscription
         if self.console:
@@ -381,13 +416,13 @@ class Reader:
         batch = self.batch
         try:
             pending = []  # a tail shorter than half a batch joins the task's last block, not a block of its own
-            for sample in self.samples(unit, n):
-                pending.append(sample)
+            for position, sample in enumerate(self.samples(unit, n), start=first):
+                pending.append((*sample, position))
                 if len(pending) == batch + batch // 2:
-                    if (full := self.block(pending[:batch], counts)) is not None:
+                    if (full := self.block(pending[:batch], counts, trained)) is not None:
                         yield full
                     pending = pending[batch:]
-            last = self.block(pending, counts) if pending else None
+            last = self.block(pending, counts, trained) if pending else None
         except Exception as e:
             names = unit_files(self.fmt, unit)
             raise DataError(f"reading {names[0]}{' and more' if len(names) > 1 else ''}: "
@@ -397,13 +432,17 @@ class Reader:
         if generation is not None:
             self.counter.add.remote(*counts, generation, index)  # not waited for: skips.py
 
-    def block(self, chunk: list, counts: list):
-        """The decoded block of `chunk`, its counts added to `counts`; None when no image of
-        the chunk decodes."""
+    def block(self, chunk: list, counts: list, trained: list | None = None):
+        """The decoded block of `chunk` ((bytes, label, name, position) each), its counts
+        added to `counts`; None when no image of the chunk decodes."""
         from ray.data.block import BlockAccessor
+        blobs, labels, names, positions = map(list, zip(*chunk))
+        skip = within(positions, trained) if trained else None
         t0 = time.perf_counter()
-        columns = decode_batch(*map(list, zip(*chunk)), self.size, self.augment, self.max_pixels, self.max_bytes)
+        columns = decode_batch(blobs, labels, names, self.size, self.augment, self.max_pixels, self.max_bytes,
+                               positions, self.seeds, skip)
         counts[2] += time.perf_counter() - t0
-        counts[1] += len(chunk)
-        counts[0] += len(chunk) - int((columns["skipped"] == 0).sum())
+        decoded = len(chunk) - (int(skip.sum()) if skip is not None else 0)
+        counts[1] += decoded
+        counts[0] += decoded - int((columns["skipped"] == 0).sum()) + (len(chunk) - decoded)
         return BlockAccessor.batch_to_block(columns) if len(columns["label"]) else None

@@ -39,4 +39,15 @@ def build_trainer(cfg: Config, stream: Lanes, num_images: int, held_out: list[by
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
         datasets=datasets,
+        dataset_config=ordered_lanes(),
     )
+
+
+def ordered_lanes() -> ray.train.DataConfig:
+    """Ray Train's dataset config, with the lanes' blocks kept in their read order
+    (`preserve_order`) through each worker's split: the split then hands blocks out in turn
+    by rows (Ray Data's equal split, without locality), so which rows reach which worker
+    depends on the stream's seed only (pipelines/data/stream.py: `training_stream`)."""
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return ray.train.DataConfig(execution_options={name: options for name in LANES})

@@ -20,12 +20,14 @@ from pipelines.worker.state import BEST, State
 def checkpoint_dict(state: State, record: dict) -> dict:
     """The reference's keys ({'model', 'optimizer', 'epoch', 'scaler', 'args'}; `epoch` the
     last completed one) plus ours: `step` (optimizer steps done), `position` (where to
-    continue: the epoch and the images of it done, at any worker count) and the nested
-    `config` (`record`: from `run_record`)."""
+    continue: the epoch and the images of it done, at any worker count; mid-epoch, the runs
+    of positions trained and the worker count, with which a resume at that count continues
+    the same epoch exactly) and the nested `config` (`record`: from `run_record`)."""
     return {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
             "epoch": state.epoch - 1, "scaler": state.scaler.state_dict(), "args": record["args"],
             "step": state.step,
-            "position": {"epoch": state.epoch, "images": state.iteration * state.micro_batch_images},
+            "position": {"epoch": state.epoch, "images": state.iteration * state.micro_batch_images,
+                         "trained": state.trained if state.iteration else None, "workers": state.workers},
             "config": record["config"], "best": state.best}
 
 

@@ -6,17 +6,23 @@ Each worker's plugin and device are set up before its process group exists
 stream. Rank 0 writes the checkpoint and the run's files at each epoch end (and every
 `train.checkpoint_every_steps` steps); every rank reports to Ray Train.
 
-A run resumed from a mid-epoch checkpoint continues at the next micro-batch with the
-right lr; the rest of that epoch is drawn from a fresh shuffle of the stream, so its
-images may differ from those the interrupted attempt would have seen.
+Every random draw of a run follows from `train.seed`: the stream's order and crops from
+(seed, epoch, the image's position: pipelines/data/stream.py), the masking noise, drop path,
+random erasing and Mixup of a micro-batch from (seed, epoch, micro-batch, rank). A run resumed
+from a mid-epoch checkpoint continues at the next micro-batch with the right lr; at the same
+worker count it is the same epoch (the images trained before are read, not decoded, and
+dropped here), so it goes on exactly as the run that was never stopped; at another count the
+rest of that epoch is drawn anew.
 """
 import logging
 import math
 import os
+import random
 import sys
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import ray.train
 import torch
 import torch.distributed as dist
@@ -28,6 +34,7 @@ from pipelines.common.errors import FatalError, one_line
 from pipelines.common.schedule import Schedule
 from pipelines.data.lanes import DTYPES, EpochStreams
 from pipelines.data.lanes import NAMES as LANES
+from pipelines.data.lanes import merge_runs, runs_of, within
 from pipelines.data.skips import epoch_counts, skip_counter
 from pipelines.output.console import flush_to_driver, forward_to_driver
 from pipelines.output.run_files import best_epoch, end_attempt, ended_by
@@ -145,7 +152,7 @@ def start(job: WorkerJob) -> tuple[Loop, State]:
     worker, placement = start_worker(accelerator, cfg.train.precision)
     sched = Schedule.of(cfg, job.num_images, worker.world)
     state = build_state(cfg, accelerator, worker.device, sched.peak_lr, job.num_classes)
-    state.micro_batch_images = cfg.train.batch_size * worker.world
+    state.micro_batch_images, state.workers = cfg.train.batch_size * worker.world, worker.world
     ckpt, source = starting_checkpoint(cfg.run)
     if ckpt is None:
         source = task.initial_weights(state.model, cfg, read_pretrained)
@@ -164,8 +171,7 @@ def start(job: WorkerJob) -> tuple[Loop, State]:
 def train_epoch(loop: Loop, state: State, streams: EpochStreams, ledger, epoch: int) -> tuple[dict, EpochLog]:
     """Train epoch `epoch` (from `state.iteration` on); its metrics and step log."""
     cfg, sched, worker = loop.job.cfg, loop.sched, loop.worker
-    torch.manual_seed(hash((cfg.train.seed, worker.rank, epoch, state.iteration)) % 2**63)  # masking noise
-    batches = streams.epoch(epoch, state.iteration, epoch + 1 if epoch + 1 < sched.epochs else None)
+    batches = streams.epoch(epoch, state.iteration, epoch + 1 if epoch + 1 < sched.epochs else None, state.trained)
     t0 = time.perf_counter()
     log = train_one_epoch(loop, state, batches, epoch)
     seconds = time.perf_counter() - t0
@@ -177,7 +183,7 @@ def train_epoch(loop: Loop, state: State, streams: EpochStreams, ledger, epoch: 
         raise FatalError(f"epoch {epoch}: the stream gave too few images for one step of "
                          f"{sched.images_per_step}; {log.skipped if worker.is_chief else 'some'} images were "
                          "skipped (their warnings above say why)")
-    state.epoch, state.iteration = epoch + 1, 0
+    state.epoch, state.iteration, state.trained = epoch + 1, 0, None
     metrics = {"epoch": epoch, "train_loss": sum(log.synced) / max(len(log.synced), 1),
                "train_lr": log.lrs[-1] if log.lrs else 0.0, "steps": len(log.synced),
                "images_per_sec": len(log.synced) * sched.images_per_step / seconds,
@@ -243,9 +249,12 @@ def train_one_epoch(loop: Loop, state: State, batches, epoch: int) -> EpochLog:
                    first=start // accum)
     loop.model.train()
     state.optimizer.zero_grad(set_to_none=True)
-    for i, batch in enumerate(batches, start=start):
+    positions = []  # of the images this worker trained on in this attempt of the epoch
+    for i, batch in enumerate(untrained(batches, state.trained), start=start):
         if i >= used_iters:
             continue  # the stream runs to its end, so that its skip count is complete
+        seed_micro_batch(loop.job.cfg.train.seed, epoch, i, worker.rank)
+        positions.append(batch["position"])
         j = i // accum - log.first
         if i % accum == 0:
             step_rows = 0
@@ -271,10 +280,37 @@ def train_one_epoch(loop: Loop, state: State, batches, epoch: int) -> EpochLog:
         if every and state.step % every == 0 and i + 1 < used_iters:
             sync_losses(log, j + 1, state.step, worker.world)
             state.iteration = i + 1
+            mine = runs_of(torch.cat(positions).numpy())
+            state.trained = merge_runs(state.trained or [], *gather_objects(mine, worker.world))
+            positions = [torch.cat(positions)]
             loop.reporter.mid_epoch(state, {"epoch": epoch, "step": state.step, "mid_epoch": True,
                                             "train_loss": sum(log.synced) / len(log.synced)}, log)
     sync_losses(log, len(log.lrs), state.step, worker.world)
     return log
+
+
+def seed_micro_batch(seed: int, epoch: int, iteration: int, rank: int) -> None:
+    """Seed every generator a micro-batch draws from (torch's on every device: masking noise,
+    drop path, random erasing; Python's and numpy's: Mixup / CutMix) from (train.seed, epoch,
+    micro-batch, rank): a resumed run draws what the uninterrupted one drew."""
+    a, b, c = np.random.SeedSequence([seed, epoch, iteration, rank]).generate_state(3).tolist()
+    torch.manual_seed(a << 32 | b)
+    random.seed(c)
+    np.random.seed(c)
+
+
+def untrained(batches, trained: list | None):
+    """The batches of an epoch without the rows of images trained before the resume (`trained`:
+    runs of positions; their rows are blank, never decoded). At the worker count the epoch was
+    saved at these are whole batches, the first ones of each worker's split."""
+    for batch in batches:
+        if trained:
+            done = torch.from_numpy(within(batch["position"].numpy(), trained))
+            if bool(done.all()):
+                continue
+            if bool(done.any()):
+                batch = {k: v[~done] for k, v in batch.items()}
+        yield batch
 
 
 def sync_losses(log: EpochLog, upto: int, step: int, world: int) -> None:

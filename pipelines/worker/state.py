@@ -37,6 +37,8 @@ class State:
     iteration: int = 0  # micro-batch of `epoch` to continue at (0 unless resumed mid-epoch)
     step: int = 0  # optimizer steps completed so far
     micro_batch_images: int = 1  # images one micro-batch takes over all workers (batch x workers)
+    workers: int = 1  # this start's worker count
+    trained: list | None = None  # runs of the positions of `epoch` trained (resumed mid-epoch): lanes.py
     best: dict | None = None  # classification: the epoch of the best validation top-1 so far, and its metrics
 
 
@@ -112,6 +114,12 @@ def restore(state: State, ckpt: dict | None, steps_per_epoch: int, task: "Pretra
             raise FatalError(f"the checkpoint stops at image {position['images']} of epoch {position['epoch']}, "
                              f"which is not a whole number of micro-batches of {state.micro_batch_images} images "
                              "at this worker count; resume it with train.effective_batch unchanged")
+    if state.iteration and position.get("trained") is not None:
+        if position.get("workers") == state.workers:  # the same split of the same order: exactly where it left off
+            state.trained = position["trained"]
+        else:
+            logger.info("resumed mid-epoch at %d workers, saved at %s: the rest of epoch %d is drawn anew",
+                        state.workers, position.get("workers"), state.epoch)
     state.step = ckpt.get("step", state.epoch * steps_per_epoch)
     state.best = ckpt.get("best")
 
