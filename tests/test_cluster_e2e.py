@@ -135,7 +135,8 @@ def test_checkpoints_on_s3_kept_bounded_resumed_and_resumed_from(ray_cluster, s3
     assert any(o.startswith("tensorboard/events.out.tfevents.") for o in objects)
 
     # run.resume_from an s3:// mid-epoch checkpoint into a new local run: it continues at that
-    # step, with the lr of its fractional epoch
+    # step, with the lr of its fractional epoch, and is the run that was never stopped (the same
+    # losses, bit for bit), having decoded only the images of the epoch not trained yet
     fork = run_pretrain(f"data.path={digits}", f"run.storage_path={tmp_path}", "run.name=fork", "train.epochs=1",
                         "optim.warmup_epochs=0.5", f"run.s3_endpoint={s3_server}",
                         "run.resume_from=s3://runs/team/s3run/checkpoint_epoch_0000_step_000000020/checkpoint.pth")
@@ -145,7 +146,11 @@ def test_checkpoints_on_s3_kept_bounded_resumed_and_resumed_from(ray_cluster, s3
     assert [s["step"] for s in steps] == [21, 22]
     assert steps[0]["epoch"] == pytest.approx(20 / 22)
     assert steps[0]["lr"] == pytest.approx(lr_at(20 / 22, 2.5e-4, 0.0, 0.5, 1))
-    assert [m["epoch"] for m in read_jsonl(tmp_path / "fork" / "metrics.jsonl")] == [0]
+    (metrics,) = read_jsonl(tmp_path / "fork" / "metrics.jsonl")
+    assert (metrics["epoch"], metrics["decoded_images"], metrics["skipped_images"]) == (0, 1438 - 20 * 64, 0)
+    with fs.open_input_stream("runs/team/s3run/steps.jsonl") as f:
+        uninterrupted = [json.loads(line) for line in f.read().decode().splitlines()]
+    assert [s["loss"] for s in steps] == [s["loss"] for s in uninterrupted[20:22]]
 
     # the S3 run resumed, its older checkpoints pruned; its last checkpoint never uploads
     second = run_pretrain(*s3, "train.epochs=2", "run.checkpoint_upload_retries=1", "run.max_failures=0")

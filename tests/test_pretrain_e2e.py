@@ -87,6 +87,22 @@ def test_resume_appends_exactly_one_epoch_with_restored_state(run):
     assert all(s["step"] == 66 for s in ckpt["optimizer"]["state"].values())  # AdamW state carried over
 
 
+def test_the_same_seed_gives_the_same_run(run, digits, tmp_path):
+    """A second run of the shared run's config (configs/debug.yaml: 2 workers, 2 epochs, CPU,
+    fp32), checkpointing every 10 steps, gives its per-step losses bit for bit; its mid-epoch
+    checkpoints record the positions of the epoch trained so far. (A run resumed from such a
+    checkpoint giving the uninterrupted run's losses: test_cluster_e2e.py's S3 test.)"""
+    again = pretrain(f"data.path={digits}", f"run.storage_path={tmp_path}", "run.name=again",
+                     "train.checkpoint_every_steps=10")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    steps = jsonl(tmp_path / "again" / "steps.jsonl")
+    assert [s["loss"] for s in steps] == [s["loss"] for s in run["first_steps"]]  # ==: bit for bit
+    mid = load_checkpoint(tmp_path / "again" / "checkpoint_epoch_0001_step_000000030" / "checkpoint.pth")
+    assert mid["position"]["workers"] == 2 and mid["position"]["images"] == 8 * 64
+    trained = mid["position"]["trained"]  # runs of positions: each worker's blocks, dealt in turn
+    assert sum(b - a for a, b in trained) == 8 * 64 and trained[0][0] == 0  # 8 steps of epoch 1, 64 images each
+
+
 def test_checkpoint_loads_into_fresh_model_strict(run):
     ckpt = load_checkpoint(run["dir"] / "checkpoint_epoch_0001_step_000000044" / "checkpoint.pth")
     model = create_model("mae_vit_tiny_patch4", img_size=16)

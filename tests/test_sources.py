@@ -270,13 +270,13 @@ def test_one_shard_is_split_for_every_decoder_and_each_image_read_once(ray_clien
     assert counts == expected(photos) and all(r["skipped"] == 0 for r in rows)
 
 
-def epoch_streams(source, augment, batch: int = 4):
+def epoch_streams(source, augment, batch: int = 4, seed: int = 0):
     """`EpochStreams` over `source`'s training lanes, read as the train loop reads them."""
     from pipelines.data.skips import skip_counter
     from pipelines.data.lanes import DTYPES, EpochStreams
     from pipelines.data.stream import training_stream
     data = DataConfig(decode_batch_size=batch, read_files_per_task=5)
-    lanes = training_stream(source, data, SIZE, seed=0, augment=augment)
+    lanes = training_stream(source, data, SIZE, seed=seed, augment=augment)
     return lanes.key, EpochStreams(lanes.datasets, lanes.key, skip_counter(), plans=True, batch_size=batch,
                                    prefetch_batches=1,
                                    dtypes=DTYPES)
@@ -323,6 +323,37 @@ def test_the_next_epoch_decodes_while_this_one_is_read_each_with_its_own_order_a
         crops.append({hashlib.sha1(img.numpy().tobytes()).hexdigest() for b in rows for img in b["image"]})
     streams.close()
     assert not crops[0] & crops[1]  # fresh crops every epoch
+
+
+def test_the_seed_alone_gives_an_epochs_order_and_crops_and_a_resumed_epoch_decodes_only_the_rest(ray_client,
+                                                                                                   photos):
+    """Two streams of one seed give the same rows, in the same order with the same crops,
+    whatever Ray's scheduling; another seed gives another order and other crops. An epoch
+    resumed with the runs of positions already trained gives the same epoch: the trained
+    images' rows are blank and were not decoded (the ledger's count), the others are the
+    same crops at the same places."""
+    from pipelines.data.lanes import merge_runs, runs_of
+    from pipelines.data.skips import epoch_counts, skip_counter
+    counter, total = skip_counter(), sum(expected(photos).values())
+
+    def epoch(seed, e=0, first_iteration=0, trained=None):
+        key, streams = epoch_streams(open_source("imagefolder", str(photos)), augment=PRETRAIN, seed=seed)
+        rows = [(int(p), hashlib.sha1(img.numpy().tobytes()).hexdigest(), bool(img.any()))
+                for b in streams.epoch(e, first_iteration, trained=trained)
+                for p, img in zip(b["position"], b["image"])]
+        streams.close()
+        return rows, epoch_counts(counter, key, e)["decoded"]
+
+    (a, decoded), (b, _), (other, _) = epoch(7), epoch(7), epoch(8)
+    assert a == b and decoded == total and [p for p, _, _ in a] == list(range(total))
+    assert len({h for _, h, _ in a} & {h for _, h, _ in other}) == 0  # other crops...
+    assert [h for _, h, _ in epoch(8, e=1)[0]] != [h for _, h, _ in other]  # ...and each epoch its own
+    trained = merge_runs(runs_of(range(0, 9)), runs_of(range(13, 21)))  # two workers, 9 + 8 images in
+    resumed, decoded = epoch(7, first_iteration=2, trained=trained)
+    assert decoded == total - 17
+    assert [p for p, _, _ in resumed] == list(range(total))
+    for (p, h, lit), (q, h0, _) in zip(resumed, a):
+        assert p == q and (not lit if p < 9 or 13 <= p < 21 else h == h0), p
 
 
 @pytest.mark.slow  # a real kill of the ledger's process and Ray's restart of it
