@@ -2,6 +2,8 @@
 accelerator (its row of cluster/accelerators.py), the run directory on its storage, restarts,
 checkpoints kept, the datasets (the stream's two lanes, the validation stream) and the
 WorkerJob every worker is handed."""
+import copy
+
 import ray
 import ray.train
 from ray.train.torch import TorchTrainer
@@ -48,6 +50,6 @@ def ordered_lanes() -> ray.train.DataConfig:
     (`preserve_order`) through each worker's split: the split then hands blocks out in turn
     by rows (Ray Data's equal split, without locality), so which rows reach which worker
     depends on the stream's seed only (pipelines/data/stream.py: `training_stream`)."""
-    options = ray.train.DataConfig.default_ingest_options()
+    options = copy.deepcopy(ray.data.DataContext.get_current().execution_options)  # what Ray Train would use
     options.preserve_order = True
     return ray.train.DataConfig(execution_options={name: options for name in LANES})
