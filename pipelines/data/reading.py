@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 SHARD_EXTENSIONS = {"webdataset": ".tar", "parquet": ".parquet"}
 WDS_IMAGE_KEYS = ("jpg", "jpeg", "png")
+READ_BYTES = 8 * 2**20  # a read task reads its tar in reads of this size: one request each on S3
 MANIFEST, CLASSES = "manifest.json", "classes.json"
 
 
@@ -401,12 +402,12 @@ def _tar_pass(fs: pafs.FileSystem, shard: str, skip: int, max_bytes: int | None,
             label = -1
         return data, label, f"{shard}:{key}"
 
-    def stream():
+    def stream():  # read READ_BYTES at a time: tarfile reads 10 KB records, on S3 each its own request
         if not offset:
-            return fs.open_input_stream(shard)
+            return fs.open_input_stream(shard, buffer_size=READ_BYTES)
         f = fs.open_input_file(shard)
         f.seek(offset)
-        return f
+        return pa.BufferedInputStream(f, READ_BYTES)
 
     with stream() as f, tarfile.open(fileobj=f, mode="r|") as tar:
         for member in tar:
