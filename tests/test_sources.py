@@ -249,6 +249,40 @@ def test_epoch_size_without_a_manifest_and_path_patterns(ray_client, photos, tmp
     assert parse_size("512MB") == 512 * 2**20 and parse_size("1.5GiB") == int(1.5 * 2**30)
 
 
+def test_published_webdataset_sizes_are_read_not_counted(photos, s3_server, tmp_path):
+    """Shards as published: no manifest of ours, but OpenCLIP's sizes.json or timm's
+    _info.json / _info.yaml beside them. The counts come from that file (here made one more
+    per shard than the tars hold, to tell them apart), and on S3 no shard is read to count."""
+    import yaml
+    from s3_proxy import S3Proxy
+    dst = tmp_path / "wds"
+    manifest = convert(str(photos), str(dst), "webdataset", shard_size=300 * 2**10)
+    (dst / "manifest.json").unlink()
+    shards = {s["path"].rsplit("/", 1)[-1]: s["num_images"] + 1 for s in manifest["shards"]}
+    claimed = manifest["num_images"] + len(shards)
+    timm = {"name": "digits", "splits": {
+        "train": {"name": "train", "num_samples": claimed, "filenames": list(shards),
+                  "shard_lengths": list(shards.values())},
+        "validation": {"name": "validation", "num_samples": 5, "filenames": ["val-0.tar"], "shard_lengths": [5]}}}
+    for name, text in (("sizes.json", json.dumps(shards)), ("_info.json", json.dumps(timm)),
+                       ("_info.yaml", yaml.safe_dump(timm))):
+        (dst / name).write_text(text)
+        assert len(open_source("webdataset", str(dst))) == claimed, name
+        (dst / name).unlink()
+    assert len(open_source("webdataset", str(dst))) == manifest["num_images"]  # none: counted from the tars
+    (dst / "sizes.json").write_text('{"train-00000-of-00009.tar": "many"}')
+    with pytest.raises(DataError, match=r"sizes.json does not give the shards' sizes \(ValueError"):
+        open_source("webdataset", str(dst))
+    (dst / "sizes.json").write_text(json.dumps(shards))
+    upload(dst, s3fs(s3_server), "runs/published")
+    proxy = S3Proxy(s3_server)
+    try:
+        assert len(open_source("webdataset", "s3://runs/published", endpoint=proxy.endpoint)) == claimed
+        assert not [path for method, path, _ in proxy.log if method == "GET" and ".tar" in path]
+    finally:
+        proxy.close()
+
+
 def test_missing_or_empty_sources_are_named(tmp_path):
     with pytest.raises(DataError, match="no .tar shards"):
         open_source("webdataset", str(tmp_path))

@@ -5,8 +5,9 @@ through Ray Data is `pipelines/data/stream.py`.
 
 `open_source` lists the files and counts the images before anything runs, so the epoch
 size (and with it the lr schedule) is right from step 0: from the listing (imagefolder),
-from the `manifest.json` that `prepare_shards.py` writes, or else from the shards
-themselves (Parquet footers; tar headers).
+from the `manifest.json` that `prepare_shards.py` writes, from the size files published
+WebDataset sets carry (OpenCLIP's `sizes.json`, timm's `_info.json`), or else from the
+shards themselves (Parquet footers; tar headers).
 
 Reading survives damaged data and flaky storage: a transient storage error is retried with
 backoff (`Retry`); what still cannot be read (a file, a tar member, a Parquet row group, a
@@ -237,7 +238,9 @@ class Source:
                 paths = list_imagefolder(self.fs, self.root, "val").paths
             except DataError:
                 paths = list(self.files)
-            candidates = (read_file(self.fs, p) for p in evenly_spaced(paths, min(len(paths), 4 * n)))
+            picked = evenly_spaced(paths, min(len(paths), 4 * n))
+            with ThreadPoolExecutor(16) as pool:  # one request each: in flight together
+                candidates = list(pool.map(lambda p: read_file(self.fs, p), picked))
         else:
             if self.format == "parquet":
                 import pyarrow.parquet as pq
@@ -277,7 +280,11 @@ def open_source(fmt: str, uri: str, endpoint: str | None = None, region: str | N
     manifest = json.loads(folder.read(MANIFEST) or "null")
     counts = {folder.path(s["path"]): s["num_images"] for s in manifest["shards"]} if manifest else {}
     unknown = [s for s in shards if s not in counts]
-    if unknown:  # published shards without our manifest: count them (in parallel)
+    if unknown:  # published shards: the sizes their publisher wrote beside them
+        published = published_counts(folder)
+        counts.update({s: published[s.rsplit("/", 1)[-1]] for s in unknown if s.rsplit("/", 1)[-1] in published})
+        unknown = [s for s in shards if s not in counts]
+    if unknown:  # shards nobody counted: count them (in parallel)
         try:
             with ThreadPoolExecutor(16) as pool:
                 counts.update(zip(unknown, pool.map(lambda s: count_shard(fs, s, fmt), unknown)))
@@ -288,6 +295,31 @@ def open_source(fmt: str, uri: str, endpoint: str | None = None, region: str | N
     if num_images == 0:
         raise DataError(f"data.path: the {len(shards)} {fmt} shards at {uri} hold no images")
     return Source(fmt, uri, fs, path, tuple(shards), num_images, classes, tuple(counts[s] for s in shards))
+
+
+SIZE_FILES = ("sizes.json", "_info.json", "info.json", "_info.yaml")
+
+
+def published_counts(folder: Storage) -> dict[str, int]:
+    """Images per shard (by file name) as published WebDataset sets state them beside their
+    shards: OpenCLIP's `sizes.json` ({shard: count}), timm's `_info.json` / `info.json` /
+    `_info.yaml` (per split: `filenames` with `shard_lengths`); {} where there is none. A
+    size file that does not parse is named."""
+    import yaml
+    for name in SIZE_FILES:
+        raw = folder.read(name)
+        if raw is None:
+            continue
+        try:
+            info = yaml.safe_load(raw) if name.endswith(".yaml") else json.loads(raw)
+            if name == "sizes.json":
+                return {k.rsplit("/", 1)[-1]: int(v) for k, v in info.items()}
+            return {f.rsplit("/", 1)[-1]: int(n) for split in info["splits"].values()
+                    for f, n in zip(split["filenames"], split["shard_lengths"], strict=True)}
+        except (ValueError, TypeError, KeyError, AttributeError, yaml.YAMLError) as e:
+            raise DataError(f"data.path: {folder.path(name)} does not give the shards' sizes "
+                            f"({type(e).__name__}: {e}); fix or remove it") from None
+    return {}
 
 
 # --------------------------------------------------------------------------------------
