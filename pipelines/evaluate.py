@@ -73,7 +73,7 @@ def load_encoder(checkpoint: str, s3: dict, random_init: bool) -> MaskedAutoenco
 
 def extract(folder: ImageFolder, checkpoint: str, s3: dict, random_init: bool,
             batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    ds = ray.data.read_binary_files(folder.paths, include_paths=True)
+    ds = ray.data.read_binary_files(list(folder.paths), include_paths=True)
     workers = max(1, int(ray.cluster_resources().get("CPU", 1)) - 1)
     ds = ds.map_batches(Features, fn_constructor_kwargs=dict(checkpoint=checkpoint, s3=s3, random_init=random_init,
                                                             classes=folder.classes),

@@ -158,7 +158,7 @@ def convert(src: str, dst: str, fmt: str, max_side: int | None = None, shard_siz
         raise DataError(f"--format: {fmt!r} is not one of {sorted(SHARD_EXTENSIONS)}")
     source = open_storage(src, s3_endpoint)
     folder = list_imagefolder(source.fs, source.root, split)
-    paths, labels, classes = folder.paths, folder.labels, folder.classes
+    paths, labels, classes = list(folder.paths), [int(x) for x in folder.labels], folder.classes
     sizes = [i.size for i in source.fs.get_file_info(paths)]
     params = {"src": src, "format": fmt, "max_side": max_side, "quality": quality if max_side else None,
               "shard_size": shard_size, "num_source_images": len(paths),

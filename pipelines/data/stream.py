@@ -288,7 +288,7 @@ class ImageDatasource(ray.data.Datasource):
         if src.format == "imagefolder":
             per_task = max(1, min(per_task, -(-len(src.files) // self.target)))
             order = rng.permutation(len(src.files))
-            units = [[(src.files[i], src.labels[i]) for i in order[k:k + per_task]]
+            units = [[(src.files[i], int(src.labels[i])) for i in order[k:k + per_task]]
                      for k in range(0, len(order), per_task)]
             return [(u, len(u)) for u in units]
         wanted = -(-self.target // len(src.files))  # units per shard
