@@ -102,9 +102,9 @@ class DataConfig:
     """Most images per read task: imagefolder files, Parquet rows (a shard is split by row
     groups) or tar samples. Each task streams out blocks of `decode_batch_size`. There are
     at least four read units per decoder where the data can be split that far: with fewer
-    shards than that, a Parquet shard splits by row groups and a tar by runs of its samples
-    (their offsets from one pass over its headers when the stream is built), so no decoder
-    waits on one long task at the end of an epoch."""
+    shards than that, a Parquet shard splits by row groups and a tar by byte ranges (each
+    read task finds its first sample from the tar's headers itself: nothing of the tar is
+    read to plan them), so no decoder waits on one long task at the end of an epoch."""
     prefetch_batches: int = 4
     """Batches each training worker keeps ready ahead of the one it trains on."""
     object_store_memory: int | None = None

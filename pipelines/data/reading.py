@@ -239,19 +239,6 @@ def parquet_row_groups(fs: pafs.FileSystem, shard: str) -> tuple[int, ...]:
         return tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups))
 
 
-def tar_offsets(fs: pafs.FileSystem, shard: str) -> tuple[int, ...]:
-    """Byte offset of each sample's first member header in a WebDataset tar, from a pass
-    over its headers (seeking past the members' data): where it can be split."""
-    offsets, key = [], None
-    with fs.open_input_file(shard) as f, tarfile.open(fileobj=f, mode="r:") as tar:
-        for member in tar:
-            k, ext = wds_member(member.name)
-            if member.isfile() and k != key:
-                offsets.append(member.offset)
-                key = k
-    return tuple(offsets)
-
-
 def wds_member(name: str) -> tuple[str, str]:
     """(sample key, extension) of a WebDataset tar member: the key is the member's path up
     to the first dot of its basename, as WebDataset groups a sample's files."""
@@ -473,11 +460,45 @@ def parquet_samples(fs: pafs.FileSystem, shard: str, batch_size: int, part: int 
         f.close()
 
 
-def _tar_pass(fs: pafs.FileSystem, shard: str, skip: int, max_bytes: int | None, offset: int,
-              limit: int | None):
-    """One pass over a WebDataset tar's range (`offset`, `limit`: as in `tar_samples`), its
-    first `skip` samples passed over unread."""
-    key, sample, done = None, {}, 0  # done: samples of the range passed (skipped or given)
+def tar_header_at(fs: pafs.FileSystem, shard: str, start: int) -> int | None:
+    """The offset of the first tar header at or after byte `start` of `shard` (on a 512-byte
+    boundary, "ustar" magic, a valid checksum), read `READ_BYTES` at a time; None when there
+    is none (past the last member)."""
+    pos = -(-start // 512) * 512
+    with fs.open_input_file(shard) as f:
+        size = f.size()
+        while pos < size:
+            f.seek(pos)
+            chunk = f.read(min(READ_BYTES, size - pos))
+            at = chunk.find(b"ustar", 257)
+            while at != -1:
+                k = at - 257
+                if k % 512 == 0 and k + 512 <= len(chunk):
+                    try:
+                        tarfile.TarInfo.frombuf(chunk[k:k + 512], "utf-8", "surrogateescape")
+                        return pos + k
+                    except tarfile.HeaderError:
+                        pass
+                at = chunk.find(b"ustar", at + 1)
+            if len(chunk) < 512:
+                return None
+            pos += len(chunk) - len(chunk) % 512
+    return None
+
+
+def _tar_pass(fs: pafs.FileSystem, shard: str, skip: int, max_bytes: int | None, byte_range: tuple | None):
+    """One pass over a WebDataset tar (or its byte range: see `tar_samples`), its first
+    `skip` samples passed over unread. A sample is a run of members with one key; a range
+    [start, end) gives the samples after the one holding the first header at or after
+    `start` (that one is the previous range's), up to and including the one holding the
+    first header at or after `end`: consecutive ranges give every sample once."""
+    start, end = byte_range or (0, None)
+    begin = tar_header_at(fs, shard, start) if start else 0
+    if begin is None:
+        return
+    key, sample = None, {}
+    first = start > 0  # the sample in progress at `start`: the previous range's
+    reaches_end = False  # the sample in progress holds the first header at or after `end`
 
     def emit():
         data = next((sample[k] for k in WDS_IMAGE_KEYS if k in sample), b"")
@@ -487,11 +508,11 @@ def _tar_pass(fs: pafs.FileSystem, shard: str, skip: int, max_bytes: int | None,
             label = -1
         return data, label, f"{shard}:{key}"
 
-    def stream():  # read READ_BYTES at a time: tarfile reads 10 KB records, on S3 each its own request
-        if not offset:
+    def stream():  # READ_BYTES at a time: tarfile reads 10 KB records, on S3 each its own request
+        if not begin:
             return fs.open_input_stream(shard, buffer_size=READ_BYTES)
         f = fs.open_input_file(shard)
-        f.seek(offset)
+        f.seek(begin)
         return pa.BufferedInputStream(f, READ_BYTES)
 
     with stream() as f, tarfile.open(fileobj=f, mode="r|") as tar:
@@ -500,40 +521,43 @@ def _tar_pass(fs: pafs.FileSystem, shard: str, skip: int, max_bytes: int | None,
                 continue
             k, ext = wds_member(member.name)
             if k != key and key is not None:
-                if skip > 0:
+                if first:
+                    first = False
+                elif skip > 0:
                     skip -= 1
                 else:
                     yield emit()
-                done += 1
-                if limit is not None and done >= limit:
+                if reaches_end:
                     return  # the next sample is the next range's
                 sample = {}
             key = k
+            if end is not None and begin + member.offset >= end:
+                reaches_end = True
             if ext in WDS_IMAGE_KEYS and max_bytes is not None and member.size > max_bytes:
                 logger.warning("skipping %s:%s: %d bytes, over data.max_image_bytes=%d", shard, member.name,
                                member.size, max_bytes)
                 sample[ext] = None
-            elif ext in (*WDS_IMAGE_KEYS, "cls") and skip == 0:
+            elif ext in (*WDS_IMAGE_KEYS, "cls") and skip == 0 and not first:
                 sample[ext] = tar.extractfile(member).read()
-    if key is not None and skip == 0:
+    if key is not None and skip == 0 and not first:
         yield emit()
 
 
 def tar_samples(fs: pafs.FileSystem, shard: str, expected: int | None = None, retry: Retry = Retry(),
-                max_bytes: int | None = None, offset: int = 0, limit: int | None = None):
+                max_bytes: int | None = None, byte_range: tuple[int, int] | None = None):
     """Samples of a WebDataset tar: consecutive members grouped by `wds_member` key; with
-    `offset` and `limit`, the `limit` samples from the one whose first header is at byte
-    `offset` (a range from `tar_offsets`). A transient storage error mid-shard reopens it
-    (after a backoff) and skips the samples already given; a shard that is damaged or ends
-    early ends there, its samples short of `expected` (its listed count) lost; an image
-    member over `max_bytes` is lost unread."""
+    `byte_range` (start, end), those of that part of the shard (`_tar_pass`: found from its
+    headers by the reader itself, no pass over the shard before). A transient storage error
+    mid-shard reopens it (after a backoff) and skips the samples already given; a shard that
+    is damaged or ends early ends there, its samples short of `expected` (its listed count)
+    lost; an image member over `max_bytes` is lost unread."""
     given = 0
     it, spent, end = None, 0, object()  # spent: failed reads, so retries, of the whole shard
 
     def next_sample():
         nonlocal it, spent
         if it is None:
-            it = _tar_pass(fs, shard, given, max_bytes, offset, limit)
+            it = _tar_pass(fs, shard, given, max_bytes, byte_range)
         try:
             return next(it, end)
         except Exception:

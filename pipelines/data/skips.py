@@ -3,6 +3,11 @@ damaged shard), exact whatever batch they would have fallen in, with the images 
 and the seconds its decode tasks spent on them (for the decode rate per CPU in each epoch's
 line); and, so that read tasks know which epoch they count for, each lane's plan.
 
+A tar read in byte ranges (pipelines/data/stream.py) that holds fewer samples than it was
+counted with is short by the difference, which no single read task can know: each range
+reports how many samples it gave, the datasource names the tars and their counts, and the
+ledger adds what a tar lacks to the epoch's skips (with a warning naming it).
+
 Rows cannot carry the count: the last partial batch of an epoch is dropped, an equal split
 drops rows, and a lost shard yields no rows at all. So each read task sends its count, under
 its epoch's plan and its own index, to one ledger actor per Ray job as it ends, without
@@ -44,6 +49,7 @@ class SkipCounter:
         self.generation_of: dict[tuple[str, int], int] = {}  # (stream, epoch) -> its last plan's generation
         self.tasks: dict[int, dict[int, tuple]] = {}  # generation -> read task index -> its counts
         self.expected: dict[int, int] = {}  # generation -> read tasks of the execution
+        self.ranged: dict[int, dict[str, int]] = {}  # generation -> {tar: count} of tars read in byte ranges
         self.generations = random.getrandbits(40) << 20  # this incarnation's own (see the module's docstring)
 
     def plan(self, stream: str, lane: int, epoch: int, first_iteration: int = 0, trained: list | None = None) -> None:
@@ -54,6 +60,7 @@ class SkipCounter:
         old = self.generation_of.get((stream, epoch))
         self.tasks.pop(old, None)
         self.expected.pop(old, None)
+        self.ranged.pop(old, None)
         self.plans[f"{stream}/{lane}"] = (epoch, first_iteration, self.generations, trained)
         self.generation_of[(stream, epoch)] = self.generations
         self.tasks[self.generations] = {}
@@ -63,16 +70,21 @@ class SkipCounter:
         if never planned."""
         return self.plans.get(f"{stream}/{lane}")
 
-    def expect(self, generation: int, tasks: int) -> None:
-        """The execution planned as `generation` has `tasks` read tasks."""
+    def expect(self, generation: int, tasks: int, ranged: dict[str, int] | None = None) -> None:
+        """The execution planned as `generation` has `tasks` read tasks; `ranged`: the tars it
+        reads in byte ranges, with the samples each was counted with (a tar that holds fewer
+        is short by the difference: no single read task knows it)."""
         if generation in self.tasks:
             self.expected[generation] = tasks
+            self.ranged[generation] = ranged or {}
 
-    def add(self, skipped: int, decoded: int, seconds: float, generation: int, task: int) -> None:
+    def add(self, skipped: int, decoded: int, seconds: float, generation: int, task: int,
+            read: tuple[str, int] | None = None) -> None:
         """Read task `task` of the execution planned as `generation` ended (executions nobody
-        planned, such as an evaluation's, do not report)."""
+        planned, such as an evaluation's, do not report); `read`: (tar, samples it gave) for a
+        byte range of a tar."""
         if generation in self.tasks:  # else an earlier attempt's read task, or an epoch already taken
-            self.tasks[generation][task] = (skipped, decoded, seconds)
+            self.tasks[generation][task] = (skipped, decoded, seconds, read)
 
     def peek(self, stream: str, epoch: int) -> dict:
         """What the read tasks of `stream`'s epoch `epoch` have reported so far, with
@@ -80,9 +92,18 @@ class SkipCounter:
         epoch's plan (it was restarted since)."""
         generation = self.generation_of.get((stream, epoch))
         reported = self.tasks.get(generation, {})
-        sums = [sum(column) for column in zip(*reported.values())] or [0, 0, 0.0]
-        return {**dict(zip(COUNTS, sums)), "complete": len(reported) == self.expected.get(generation, -1),
-                "lost": generation is None}
+        sums = [sum(column) for column in zip(*(r[:3] for r in reported.values()))] or [0, 0, 0.0]
+        complete = len(reported) == self.expected.get(generation, -1)
+        short = {}
+        if complete:  # a tar read in ranges that gave fewer samples than its count: the rest is lost
+            given = {}
+            for *_, read in reported.values():
+                if read is not None:
+                    given[read[0]] = given.get(read[0], 0) + read[1]
+            short = {tar: count - given.get(tar, 0) for tar, count in self.ranged.get(generation, {}).items()
+                     if given.get(tar, 0) < count}
+            sums[0] += sum(short.values())
+        return {**dict(zip(COUNTS, sums)), "complete": complete, "lost": generation is None, "short": short}
 
     def take(self, stream: str, epoch: int, force: bool = False) -> dict | None:
         """`peek`, after which the epoch is closed (late reports are dropped); None, leaving it
@@ -94,6 +115,7 @@ class SkipCounter:
         generation = self.generation_of.pop((stream, epoch), None)
         self.tasks.pop(generation, None)
         self.expected.pop(generation, None)
+        self.ranged.pop(generation, None)
         return counts
 
 
@@ -109,6 +131,9 @@ def epoch_counts(counter, stream: str, epoch: int, timeout: float = 60.0) -> dic
                            "decoded_images count only those that did", epoch, timeout)
             break
         time.sleep(0.01)
+    for tar, missing in counts.get("short", {}).items():
+        logger.warning("epoch %d: %s gave %d samples fewer than it was counted with (damaged or cut short): "
+                       "counted as skipped", epoch, tar, missing)
     if counts["lost"]:
         logger.warning("epoch %d: the skip ledger was restarted during the epoch (its process died); this epoch's "
                        "skipped_images and decoded_images are lost and reported as 0", epoch)

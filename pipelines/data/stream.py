@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import tarfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -43,7 +42,6 @@ from pipelines.data.reading import (
     parquet_row_groups,
     parquet_samples,
     part_rows,
-    tar_offsets,
     tar_samples,
 )
 from pipelines.data.skips import skip_counter
@@ -241,31 +239,31 @@ class ImageDatasource(ray.data.Datasource):
         self.max_pixels, self.max_bytes = data.max_pixels, data.max_image_bytes
         self.retry = Retry(data.read_retries, data.retry_backoff_seconds)
         # Enough read units for every decoder, and to balance the tail of an epoch: with fewer
-        # shards than that, shards are split where they can be (row groups; tar samples, from
-        # a pass over the headers, done once here on the driver).
+        # shards than that, shards are split: a Parquet shard by its row groups (from its
+        # footer), a tar by byte ranges (from its size: each read task finds its first sample
+        # itself, so nothing is read here of the tar).
         self.target = UNITS_PER_DECODER * max(1, decoders)
-        self.splits = None
+        self.splits = self.sizes = None
         if source.format != "imagefolder" and len(source.files) < self.target:
-            with ThreadPoolExecutor(16) as pool:
-                self.splits = tuple(pool.map(self._split_points, source.files, source.counts))
+            if source.format == "parquet":
+                with ThreadPoolExecutor(16) as pool:
+                    self.splits = tuple(pool.map(self._split_points, source.files, source.counts))
+            else:
+                self.sizes = tuple(i.size for i in source.fs.get_file_info(list(source.files)))
 
     def lane(self, index: int) -> "ImageDatasource":
-        """This datasource as lane `index` of its stream (the header pass is shared)."""
+        """This datasource as lane `index` of its stream (the split points are shared)."""
         lane = copy.copy(self)
         lane.lane_index = index
         return lane
 
     def _split_points(self, shard: str, count: int) -> tuple[int, ...] | None:
-        """Rows per row group (Parquet) or each sample's offset (tar) of a shard; None where
-        the shard does not agree with its count (damaged: it is then read whole, and its
-        reader counts what it lacks)."""
+        """Rows per row group of a Parquet shard; None where the shard does not agree with its
+        count (damaged: it is then read whole, and its reader counts what it lacks)."""
         try:
-            if self.source.format == "parquet":
-                groups = parquet_row_groups(self.source.fs, shard)
-                return groups if sum(groups) == count else None
-            offsets = tar_offsets(self.source.fs, shard)
-            return offsets if len(offsets) == count else None
-        except (OSError, ValueError, tarfile.TarError, EOFError) as e:
+            groups = parquet_row_groups(self.source.fs, shard)
+            return groups if sum(groups) == count else None
+        except (OSError, ValueError, EOFError) as e:
             logger.warning("%s is read whole, not split: %s", shard, one_line(e))
             return None
 
@@ -281,8 +279,9 @@ class ImageDatasource(ray.data.Datasource):
     def read_units(self, rng: np.random.Generator) -> list[tuple]:
         """(unit, images) of each read task, in this execution's order. A unit is a list of
         (path, label) (imagefolder), a (shard, part, parts) run of a Parquet shard's row
-        groups, a tar shard (read start to end), or a (shard, offset, samples) run of a tar's
-        samples. At most `read_files_per_task` images each, and at least `target` units
+        groups, a tar shard (read start to end), or a (shard, start, end, count) byte range of
+        a tar of `count` samples (its images: an estimate from its share of the bytes; see
+        `span`). At most `read_files_per_task` images each, and at least `target` units
         where the data can be split that far."""
         src, per_task = self.source, self.files_per_task
         if src.format == "imagefolder":
@@ -304,13 +303,13 @@ class ImageDatasource(ray.data.Datasource):
                 parts = max(1, min(len(groups), max(parquet_parts(n, per_task), wanted)))
                 pieces += [((shard, k, parts), sum(groups[k * len(groups) // parts:(k + 1) * len(groups) // parts]))
                            for k in range(parts)]
-            elif split is None:
+            elif self.sizes is None:
                 pieces.append((shard, n))
             else:
-                offsets = split
-                parts = max(1, min(len(offsets), max(-(-n // per_task), wanted)))
-                bounds = [k * len(offsets) // parts for k in range(parts + 1)]
-                pieces += [((shard, offsets[a], b - a), b - a) for a, b in zip(bounds, bounds[1:]) if b > a]
+                size = self.sizes[i]
+                parts = max(1, min(n, max(-(-n // per_task), wanted), size // 512))
+                bounds = [k * size // parts for k in range(parts + 1)]
+                pieces += [((shard, a, b, n), max(1, round(n * (b - a) / size))) for a, b in zip(bounds, bounds[1:])]
         return [pieces[i] for i in rng.permutation(len(pieces))]
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list:
@@ -323,9 +322,10 @@ class ImageDatasource(ray.data.Datasource):
                         self.console, seeds)
         units = self.read_units(np.random.default_rng(seeds))
         if generation is not None:
-            self.counter.expect.remote(generation, len(units))
+            ranged = dict(zip(self.source.files, self.source.counts)) if self.sizes is not None else None
+            self.counter.expect.remote(generation, len(units), ranged)
         fmt, size = self.source.format, self.size
-        firsts = np.cumsum([0] + [n for _, n in units]).tolist()  # each unit's first position in the epoch
+        firsts = np.cumsum([0] + [span(u, n) for u, n in units]).tolist()  # each unit's first position
         return [ReadTask(lambda unit=unit, n=n, index=index, first=first:
                          reader(unit, n, index, generation, first, runs_from(trained, first, first + n)),
                          BlockMetadata(num_rows=n, size_bytes=n * size * size * 3, exec_stats=None,
@@ -351,6 +351,17 @@ class ImageDatasource(ray.data.Datasource):
         if first_iteration and trained is None:
             return (self.seed, epoch, first_iteration), generation, None
         return (self.seed, epoch), generation, trained
+
+
+def byte_range(unit) -> bool:
+    """Whether a read unit is a (shard, start, end, count) byte range of a tar."""
+    return isinstance(unit, tuple) and len(unit) == 4
+
+
+def span(unit, n: int) -> int:
+    """The positions a read unit's images take in the epoch's order: its images; for a tar's
+    byte range, whose images are known only once read, the tar's count (at most that many)."""
+    return unit[3] if byte_range(unit) else n
 
 
 def runs_from(runs: list | None, start: int, end: int) -> list | None:
@@ -398,9 +409,9 @@ class Reader:
             return imagefolder_samples(self.fs, *map(list, zip(*unit)), retry=self.retry, max_bytes=self.max_bytes)
         if self.fmt == "parquet":
             return parquet_samples(self.fs, unit[0], self.batch, unit[1], unit[2], expected=n, retry=self.retry)
-        if isinstance(unit, tuple):  # a run of a tar's samples
-            return tar_samples(self.fs, unit[0], expected=n, retry=self.retry, max_bytes=self.max_bytes,
-                               offset=unit[1], limit=unit[2])
+        if byte_range(unit):  # its shortfall, if the tar holds fewer than its count, is the ledger's (skips.py)
+            return tar_samples(self.fs, unit[0], retry=self.retry, max_bytes=self.max_bytes,
+                               byte_range=(unit[1], unit[2]))
         return tar_samples(self.fs, unit, expected=n, retry=self.retry, max_bytes=self.max_bytes)
 
     def __call__(self, unit, n: int, index: int, generation: int | None, first: int = 0, trained: list | None = None):
@@ -416,8 +427,9 @@ class Reader:
         batch = self.batch
         try:
             pending = []  # a tail shorter than half a batch joins the task's last block, not a block of its own
-            for position, sample in enumerate(self.samples(unit, n), start=first):
-                pending.append((*sample, position))
+            read = 0
+            for read, sample in enumerate(self.samples(unit, n), start=1):
+                pending.append((*sample, first + read - 1))
                 if len(pending) == batch + batch // 2:
                     if (full := self.block(pending[:batch], counts, trained)) is not None:
                         yield full
@@ -429,8 +441,8 @@ class Reader:
                             f"{type(e).__name__}: {e}") from e
         if last is not None:
             yield last
-        if generation is not None:
-            self.counter.add.remote(*counts, generation, index)  # not waited for: skips.py
+        if generation is not None:  # not waited for: skips.py
+            self.counter.add.remote(*counts, generation, index, (unit[0], read) if byte_range(unit) else None)
 
     def block(self, chunk: list, counts: list, trained: list | None = None):
         """The decoded block of `chunk` ((bytes, label, name, position) each), its counts
