@@ -102,7 +102,8 @@ class SkipCounter:
                     given[read[0]] = given.get(read[0], 0) + read[1]
             short = {tar: count - given.get(tar, 0) for tar, count in self.ranged.get(generation, {}).items()
                      if given.get(tar, 0) < count}
-            sums[0] += sum(short.values())
+            sums[0] += sum(short.values())  # and, as a whole tar's reader counts its lost samples, in `decoded`
+            sums[1] += sum(short.values())
         return {**dict(zip(COUNTS, sums)), "complete": complete, "lost": generation is None, "short": short}
 
     def take(self, stream: str, epoch: int, force: bool = False) -> dict | None:
