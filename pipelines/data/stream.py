@@ -238,34 +238,15 @@ class ImageDatasource(ray.data.Datasource):
         self.cpus = data.decode_cpus
         self.max_pixels, self.max_bytes = data.max_pixels, data.max_image_bytes
         self.retry = Retry(data.read_retries, data.retry_backoff_seconds)
-        # Enough read units for every decoder, and to balance the tail of an epoch: with fewer
-        # shards than that, shards are split: a Parquet shard by its row groups (from its
-        # footer), a tar by byte ranges (from its size: each read task finds its first sample
-        # itself, so nothing is read here of the tar).
+        # enough read units for every decoder, and to balance the tail of an epoch
         self.target = UNITS_PER_DECODER * max(1, decoders)
-        self.splits = self.sizes = None
-        if source.format != "imagefolder" and len(source.files) < self.target:
-            if source.format == "parquet":
-                with ThreadPoolExecutor(16) as pool:
-                    self.splits = tuple(pool.map(self._split_points, source.files, source.counts))
-            else:
-                self.sizes = tuple(i.size for i in source.fs.get_file_info(list(source.files)))
+        self.splits, self.sizes = split_plan(source, self.target)
 
     def lane(self, index: int) -> "ImageDatasource":
         """This datasource as lane `index` of its stream (the split points are shared)."""
         lane = copy.copy(self)
         lane.lane_index = index
         return lane
-
-    def _split_points(self, shard: str, count: int) -> tuple[int, ...] | None:
-        """Rows per row group of a Parquet shard; None where the shard does not agree with its
-        count (damaged: it is then read whole, and its reader counts what it lacks)."""
-        try:
-            groups = parquet_row_groups(self.source.fs, shard)
-            return groups if sum(groups) == count else None
-        except (OSError, ValueError, EOFError) as e:
-            logger.warning("%s is read whole, not split: %s", shard, one_line(e))
-            return None
 
     def estimate_inmemory_data_size(self) -> int:
         return self.source.num_images * self.size * self.size * 3
@@ -351,6 +332,30 @@ class ImageDatasource(ray.data.Datasource):
         if first_iteration and trained is None:
             return (self.seed, epoch, first_iteration), generation, None
         return (self.seed, epoch), generation, trained
+
+
+def split_plan(source: Source, units: int) -> tuple[tuple | None, tuple | None]:
+    """How a source's shards are split to give at least `units` read units, as the driver
+    plans it before training: where there are fewer shards than that, a Parquet shard by its
+    row groups (read from its footer: (Parquet row groups per shard, None)), a tar by byte
+    ranges, for which only its size is needed (None, tar sizes); else (None, None), each
+    shard read whole. Nothing of a tar is read."""
+    if source.format == "imagefolder" or len(source.files) >= units:
+        return None, None
+    if source.format == "webdataset":
+        return None, tuple(i.size for i in source.fs.get_file_info(list(source.files)))
+
+    def groups(shard: str, count: int) -> tuple[int, ...] | None:
+        """Rows per row group; None where the shard does not agree with its count (damaged:
+        it is then read whole, and its reader counts what it lacks)."""
+        try:
+            found = parquet_row_groups(source.fs, shard)
+            return found if sum(found) == count else None
+        except (OSError, ValueError, EOFError) as e:
+            logger.warning("%s is read whole, not split: %s", shard, one_line(e))
+            return None
+    with ThreadPoolExecutor(16) as pool:
+        return tuple(pool.map(groups, source.files, source.counts)), None
 
 
 def byte_range(unit) -> bool:
