@@ -46,3 +46,16 @@ def test_checkpoint_benchmark_measures_both_ways_on_local_disk_and_s3():
         r = result[where]
         assert r["model"] == "mae_vit_tiny_patch4" and r["checkpoint_bytes"] > 0
         assert r["synchronous_stall_s"] > 0 and r["ours_stall_s"] > 0 and r["ratio"] > 0
+
+
+@pytest.mark.slow
+def test_startup_benchmark_counts_the_drivers_requests_per_layout():
+    out = subprocess.run([sys.executable, "benchmarks/startup.py", "--scales", "40,120", "--per-shard", "40"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    figures = result["figures"]
+    assert {f"{layout}/ours" for layout in ("imagefolder", "webdataset bare", "parquet bare")} <= figures.keys()
+    # no request per image before training in any layout (a request per shard or class folder: 40 images each)
+    assert all(f["requests_per_image"] <= 0.1 for k, f in figures.items() if k.endswith("/ours"))
+    assert figures["webdataset bare/baseline"]["requests_per_image"] >= 2 and result["ratio"] > 10
