@@ -31,8 +31,6 @@ import argparse
 import io
 import json
 import os
-import socket
-import subprocess
 import sys
 import tarfile
 import time
@@ -47,7 +45,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from checkpoint import s3_server  # noqa: E402  (moto in its own process, with the bucket "bench")
 from s3_proxy import S3Proxy  # noqa: E402
 
 from pipelines.data.reading import open_source, wds_member  # noqa: E402
@@ -144,22 +144,6 @@ def measure(proxy: S3Proxy, fmt: str, uri: str, decoders: int, baseline: bool) -
     return {"requests": len(proxy.log) - before, "seconds": seconds, "held_bytes": held, "peak_bytes": peak}
 
 
-def s3_server() -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    return proc, endpoint
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scales", default="2000,8000", help="images in each of the two runs")
@@ -174,9 +158,7 @@ def main(argv=None) -> int:
     proc, endpoint = s3_server()
     proxy = S3Proxy(endpoint)
     try:
-        fs = pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", force_virtual_addressing=False,
-                               allow_bucket_creation=True)
-        fs.create_dir("bench")
+        fs = pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", force_virtual_addressing=False)
         images = tiny_jpegs(max(scales))
         rows = {}
         for n in scales:
