@@ -58,7 +58,7 @@ class Features:
         feats = encoder_features(self.model, normalize_on_device(eval_crops(batch["bytes"], self.size),
                                                                  torch.device("cpu")))
         labels = [self.class_index[class_of(p)] for p in batch["path"]]
-        return {"features": feats.numpy(), "label": np.array(labels, dtype=np.int64)}
+        return {"features": feats.numpy(), "label": np.array(labels, dtype=np.int64), "path": batch["path"]}
 
 
 def load_encoder(checkpoint: str, s3: dict, random_init: bool) -> MaskedAutoencoderViT:
@@ -71,16 +71,24 @@ def load_encoder(checkpoint: str, s3: dict, random_init: bool) -> MaskedAutoenco
     return model
 
 
-def extract(folder: ImageFolder, checkpoint: str, s3: dict, random_init: bool,
-            batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    ds = ray.data.read_binary_files(list(folder.paths), include_paths=True)
-    workers = max(1, int(ray.cluster_resources().get("CPU", 1)) - 1)
+def extract(folders: list[ImageFolder], checkpoint: str, s3: dict, random_init: bool,
+            batch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Features and labels of each folder's images, in one pass over all of them: one pool of
+    feature actors (each loads the encoder once), as many as there are batches to run, at most
+    the cluster's CPUs but one."""
+    paths = [list(folder.paths) for folder in folders]
+    owner = {path: i for i, group in enumerate(paths) for path in group}
+    total = sum(map(len, paths))
+    workers = max(1, min(int(ray.cluster_resources().get("CPU", 1)) - 1, -(-total // batch_size)))
+    ds = ray.data.read_binary_files([p for group in paths for p in group], include_paths=True)
     ds = ds.map_batches(Features, fn_constructor_kwargs=dict(checkpoint=checkpoint, s3=s3, random_init=random_init,
-                                                            classes=folder.classes),
+                                                            classes=sorted(set().union(*(f.classes for f in folders)))),
                         batch_size=batch_size, batch_format="numpy", num_cpus=1,
                         compute=ray.data.ActorPoolStrategy(size=workers))
-    rows = ds.take_all()
-    return np.stack([r["features"] for r in rows]), np.array([r["label"] for r in rows])
+    rows = [[] for _ in folders]
+    for row in ds.take_all():
+        rows[owner[row["path"]]].append(row)
+    return [(np.stack([r["features"] for r in group]), np.array([r["label"] for r in group])) for group in rows]
 
 
 def linear_probe(train_x, train_y, val_x, val_y) -> float:
@@ -105,8 +113,7 @@ def knn(train_x, train_y, val_x, val_y, k: int = 20, num_classes: int | None = N
 
 def evaluate(checkpoint: str, s3: dict, data: str, random_init: bool, k: int, batch_size: int) -> dict:
     train, val = local_imagefolder(data, "train"), local_imagefolder(data, "val")
-    train_x, train_y = extract(train, checkpoint, s3, random_init, batch_size)
-    val_x, val_y = extract(val, checkpoint, s3, random_init, batch_size)
+    (train_x, train_y), (val_x, val_y) = extract([train, val], checkpoint, s3, random_init, batch_size)
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6
     train_x, val_x = (train_x - mean) / std, (val_x - mean) / std
     return {"random_init": random_init, "linear_top1": linear_probe(train_x, train_y, val_x, val_y),
