@@ -5,7 +5,6 @@ import io
 import json
 import logging
 import os
-import shutil
 import socket
 import struct
 import tarfile
@@ -288,42 +287,26 @@ def test_credentials_file_must_be_private_and_is_read_as_strings(tmp_path):
 
 
 def hostile_shards(folder) -> int:
-    """Two WebDataset shards and their manifest: 70 samples with broken images at the
-    start, the middle and the end, and one counted 30 but cut off mid-member after 12.
-    Returns how many images an epoch skips."""
+    """Two WebDataset shards and their manifest: 70 samples with broken images at the start,
+    the middle and the end (garbage, a JPEG and a PNG claiming 65500x65500 and 15000x15000)
+    and the four format bombs of `crafted.FORMAT_BOMBS` (a TIFF, an ICO, an ICNS and an AVIF
+    whose headers claim less than they decode to) among them, and one shard counted 30 but cut
+    off mid-member after 12. Returns how many images an epoch skips."""
+    from crafted import FORMAT_BOMBS
     folder.mkdir(parents=True)
     samples = good_samples(70)
     samples[0] = (samples[0][0], b"not an image at all", 0)
     samples[35] = (samples[35][0], claims(jpeg(35), 65500, 65500), 1)
     samples[69] = (samples[69][0], png_claiming(15000), 2)
+    for i, make in enumerate(FORMAT_BOMBS.values()):
+        samples[10 + 7 * i] = (samples[10 + 7 * i][0], make(), 0)
     write_tar(folder / "a.tar", samples)
     offsets = write_tar(folder / "b.tar", good_samples(30, first=100))
     whole = (folder / "b.tar").read_bytes()
     (folder / "b.tar").write_bytes(whole[:offsets[24] + 512 + 50])  # inside sample 12's jpg
     manifest = {"shards": [{"path": "a.tar", "num_images": 70}, {"path": "b.tar", "num_images": 30}]}
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    return 3 + 18
-
-
-@pytest.mark.slow
-def test_hostile_data_is_skipped_and_counted_exactly_every_epoch(ray_cluster, tmp_path):
-    """Bombs, garbage and a truncated shard: the run goes on, and each epoch counts exactly
-    the 21 images it could not use, wherever they fell (the last, dropped batch included).
-    Run with --verbose, whose console shows everything Ray's processes print."""
-    from conftest import read_jsonl, run_pretrain
-    skipped = hostile_shards(tmp_path / "data")
-    result = run_pretrain("data.format=webdataset", f"data.path={tmp_path / 'data'}", "data.decode_batch_size=16",
-                          f"run.storage_path={tmp_path}", "run.name=hostile", "train.epochs=2",
-                          "optim.warmup_epochs=0.5", "train.batch_size=16", "scaling.num_workers=1",
-                          "run.max_failures=-1", "--verbose")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    out = result.stdout + result.stderr  # --verbose: everything Ray prints, as Ray does by default
-    assert "(RayTrainWorker pid=" in out and "epoch 0 done: train_loss" in out
-    metrics = read_jsonl(tmp_path / "hostile" / "metrics.jsonl")
-    assert [m["skipped_images"] for m in metrics] == [skipped, skipped]
-    assert [m["decoded_images"] for m in metrics] == [100, 100]  # every sample the shards promised
-    assert all(m["decode_images_per_cpu_sec"] > 0 for m in metrics)
-    assert len(read_jsonl(tmp_path / "hostile" / "attempts.jsonl")) == 1  # nothing restarted
+    return 3 + len(FORMAT_BOMBS) + 18
 
 
 @pytest.mark.slow
@@ -341,7 +324,8 @@ def test_a_data_error_retrying_cannot_fix_ends_the_run_once(ray_cluster, tmp_pat
         pq.write_table(pa.table({"image": [b"x" * 10] * 40, "label": [0] * 40}), data / "b.parquet")
         fmt, message = "parquet", "b.parquet"
     result = run_pretrain(f"data.format={fmt}", f"data.path={data}", f"run.storage_path={tmp_path}", "run.name=bad",
-                          "train.epochs=2", "optim.warmup_epochs=0.5", "train.batch_size=16", "run.max_failures=-1")
+                          "train.epochs=2", "optim.warmup_epochs=0.5", "train.batch_size=16", "run.max_failures=-1",
+                          "scaling.num_workers=1")
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and message in errors[0], result.stderr[-3000:]
@@ -360,17 +344,20 @@ def all_text_under(root) -> bytes:
 
 
 @pytest.mark.slow
-def test_no_credential_anywhere_after_an_s3_run(ray_cluster, s3_server, digits, tmp_path):
-    """A known secret in the credentials file of an S3 data + S3 run: it is in no run file,
-    no checkpoint, no log, and not in the dashboard's Jobs or Train state APIs. The same run
-    pretrains on WebDataset shards on S3 holding 7 files that must not be trained on (3
-    undecodable, 4 format bombs): counted, not trained on."""
+def test_hostile_data_on_s3_is_counted_exactly_every_epoch_and_no_credential_is_anywhere(
+        ray_cluster, s3_server, tmp_path):
+    """One run submitted as a job (`ray job submit`), its data and its run directory on S3
+    with a known secret in their credentials file, with --verbose (the console shows
+    everything Ray's processes print, so the secret is looked for there too):
+    - hostile data (bombs, format bombs, garbage and a truncated shard): the run goes on, and
+      each epoch counts exactly the images it could not use, wherever they fell (the last,
+      dropped batch included);
+    - the secret is in no run file, no checkpoint, no log, and not in the dashboard's Jobs,
+      Train, tasks or actors state APIs, nor `ray job list`."""
+    import subprocess
     import urllib.request
 
-    import subprocess
-
-    from conftest import RAY, ROOT, add_broken_files_to
-    from pipelines.prepare_shards import convert
+    from conftest import RAY, ROOT
     _, dashboard = ray_cluster
     secret = f"Sekr3t-{uuid.uuid4().hex}"
     creds = tmp_path / "creds"
@@ -378,27 +365,37 @@ def test_no_credential_anywhere_after_an_s3_run(ray_cluster, s3_server, digits, 
                      f"aws_secret_access_key = {secret}\n")
     os.chmod(creds, 0o600)
     prefix = f"runs/secret-{uuid.uuid4().hex[:8]}"
-    src = tmp_path / "digits"
-    shutil.copytree(digits, src)
-    bad = add_broken_files_to(src / "train" / "3")
-    convert(str(src), f"s3://{prefix}/data", "webdataset", shard_size=256 * 2**10, s3_endpoint=s3_server)
+    skipped = hostile_shards(tmp_path / "data")
+    fs = pafs.S3FileSystem(endpoint_override=s3_server, scheme="http", force_virtual_addressing=False)
+    for shard in sorted((tmp_path / "data").iterdir()):
+        with fs.open_output_stream(f"{prefix}/data/{shard.name}") as f:
+            f.write(shard.read_bytes())
     cmd = [RAY, "job", "submit", f"--address={dashboard}", f"--working-dir={ROOT}", "--",
            "RAY_TRAIN_ENABLE_STATE_TRACKING=1", "python",  # the dashboard's Train view, as operators turn it on
            "pipelines/pretrain.py", "--config", "configs/debug.yaml", "data.format=webdataset",
            f"data.path=s3://{prefix}/data", f"data.s3_endpoint={s3_server}", f"data.s3_credentials_file={creds}",
-           f"run.storage_path=s3://{prefix}/runs", f"run.s3_endpoint={s3_server}",
-           f"run.s3_credentials_file={creds}", "run.name=secret", "train.epochs=1", "optim.warmup_epochs=0.5"]
+           "data.decode_batch_size=16", f"run.storage_path=s3://{prefix}/runs", f"run.s3_endpoint={s3_server}",
+           f"run.s3_credentials_file={creds}", "run.name=secret", "train.epochs=2", "optim.warmup_epochs=0.5",
+           "train.batch_size=16", "scaling.num_workers=1", "run.max_failures=-1", "--verbose"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=os.environ)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout + result.stderr  # --verbose: everything Ray prints, as Ray does by default
+    assert "(RayTrainWorker pid=" in out and "epoch 0 done: train_loss" in out
+    assert "100 training images" in out  # as the manifest counts them
+
+    def run_file(name: str) -> str:
+        with fs.open_input_stream(f"{prefix}/runs/secret/{name}") as f:
+            return f.read().decode()
+    metrics = [json.loads(line) for line in run_file("metrics.jsonl").splitlines()]
+    assert [m["skipped_images"] for m in metrics] == [skipped, skipped]
+    assert [m["decoded_images"] for m in metrics] == [100, 100]  # every sample the shards promised
+    assert all(m["decode_images_per_cpu_sec"] > 0 and m["steps"] == (100 - skipped) // 16 for m in metrics)
+    assert len(run_file("attempts.jsonl").splitlines()) == 1  # nothing restarted
+
     seen = [result.stdout.encode(), result.stderr.encode()]
-    fs = pafs.S3FileSystem(endpoint_override=s3_server, scheme="http", force_virtual_addressing=False)
     run_files = [i.path for i in fs.get_file_info(pafs.FileSelector(f"{prefix}/runs", recursive=True))
                  if i.type == pafs.FileType.File]
     assert any(p.endswith("checkpoint.pth") for p in run_files) and any(p.endswith("config.yaml") for p in run_files)
-    assert f"{1438 + bad} training images in 10 classes in" in result.stdout  # the digits and the broken files
-    with fs.open_input_stream(f"{prefix}/runs/secret/metrics.jsonl") as f:
-        (metrics,) = [json.loads(line) for line in f.read().decode().splitlines()]
-    assert metrics["skipped_images"] == bad and metrics["steps"] == ((1438 + bad) // 2) // 32
     assert f"{prefix}/runs/secret/reconstructions/epoch_0000.png" in run_files
     for path in run_files:
         with fs.open_input_stream(path) as f:
@@ -432,7 +429,8 @@ def test_a_second_submission_of_a_live_run_stops_at_once_and_a_dead_ones_lease_i
 
     from conftest import read_jsonl, run_pretrain, wait_for
     run = tmp_path / "one"
-    args = (f"data.path={digits}", f"run.storage_path={tmp_path}", "run.name=one", "run.lease_ttl_seconds=12")
+    args = (f"data.path={digits}", f"run.storage_path={tmp_path}", "run.name=one", "run.lease_ttl_seconds=12",
+            "scaling.num_workers=1")  # the lease is the driver's: one worker is enough
     first = run_pretrain(*args, "train.epochs=20", wait=False)
     lines = []
     threading.Thread(target=lambda: lines.extend(first.stdout), daemon=True).start()  # never a full pipe

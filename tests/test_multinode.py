@@ -107,9 +107,13 @@ def assert_every_epoch_and_step_once(run: S3Run, epochs: int) -> list[dict]:
 
 def test_elastic_run_shrinks_when_a_training_node_dies_and_grows_when_one_comes_back(cluster, s3_server, digits):
     run = S3Run(s3_server, "elastic")
-    epochs = 4
+    # The grow must come before the run ends: after the shrunk group starts, the replacement
+    # node's start (~3 s) and the next resize check (every second here) take ~4-5 s on an idle
+    # machine, where the rest of the run then trained 3 epochs in ~10 s (with checks every 5 s
+    # and 4 epochs the run ended first there, passing only on a loaded machine); 5 epochs.
+    epochs = 5
     proc, lines = start(cluster, digits, run, f"train.epochs={epochs}", "scaling.num_workers=3",
-                        "scaling.min_workers=2", "scaling.resize_check_seconds=5")
+                        "scaling.min_workers=2", "scaling.resize_check_seconds=1")
     waiting(proc, lines, run.registered, 400, "the first checkpoint")
     (first,) = run.jsonl("attempts.jsonl")
     assert len(first["workers"]) == 3 and len({w["node_id"] for w in first["workers"]}) == 3

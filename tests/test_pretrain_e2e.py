@@ -115,7 +115,8 @@ def test_non_finite_loss_stops_with_step_and_saves_nothing(ray_cluster, digits, 
     """A restart would meet the same loss again: the run ends once, even with unlimited restarts
     (max_failures=-1; with 0 there is no restart to avoid, and the same line and exit)."""
     result = pretrain(f"data.path={digits}", f"run.storage_path={tmp_path}", "run.name=nan",
-                      "optim.lr=1e30", "train.accum_iter=2", "train.log_every_steps=2", "run.max_failures=-1")
+                      "optim.lr=1e30", "train.accum_iter=2", "train.log_every_steps=2", "run.max_failures=-1",
+                      "scaling.num_workers=1")  # one worker is enough to meet it
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
     assert re.search(r"^error: loss is (nan|inf) at step \d+; stopping without saving a checkpoint$",
                      result.stderr, re.M), result.stderr[-2000:]

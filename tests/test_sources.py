@@ -325,23 +325,6 @@ def test_missing_or_empty_sources_are_named(tmp_path):
         open_source("imagefolder", str(tmp_path))
 
 
-@pytest.mark.slow  # a whole command end to end (its Ray Data pipeline, its own Ray)
-def test_ingest_benchmark_prints_both_rates(photos, tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, as a user runs it
-    out = subprocess.run([sys.executable, "benchmarks/ingest.py", "--data", str(photos), "--seconds", "2",
-                          "--cpus", "2", "--batch", "8", "--input-size", "64"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["baseline_images_per_sec"] > 0 and result["ours_images_per_sec"] > 0
-    assert result["ratio"] == pytest.approx(result["ours_images_per_sec"] / result["baseline_images_per_sec"])
-
-
 @pytest.mark.parametrize("fmt", ["parquet", "webdataset"])
 def test_one_shard_is_split_for_every_decoder_and_each_image_read_once(ray_client, photos, tmp_path, fmt):
     """Fewer shards than decoders: a Parquet shard splits by row groups, a tar by byte ranges
