@@ -27,6 +27,11 @@ and reports `epochs_images_per_sec`, the images of those epochs over their wall 
 boundaries included, `steady_images_per_sec`, the rate inside epochs (from each epoch's
 first batch to its last), and `epochs_ratio` = the first / the second: what epoch
 boundaries cost.
+
+With `--s3-endpoint` our stream reads through a proxy on 127.0.0.1 that counts every request
+(tests/s3_proxy.py), and the JSON has `requests_per_image`: the stream's requests (listing,
+reads, everything) over the images it gave, counted over the whole epochs (with `--epochs`,
+the warm-up one included) or else over the timed run, and `requests` by method.
 """
 import argparse
 import itertools
@@ -39,6 +44,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # s3_proxy
 
 from mae.transforms import (IMAGENET_MEAN, IMAGENET_STD, PRETRAIN, REGION_DECODE, Augment,  # noqa: E402
                             normalize_on_device, with_zero_bit_posterize)
@@ -120,9 +126,14 @@ def baseline(root: str, cpus: int, seconds: float, batch: int, size: int, recipe
 
 
 def ours(data: str, fmt: str, cpus: int, seconds: float, batch: int, size: int, endpoint: str | None,
-         epochs: int = 0, recipe: str = "pretrain") -> tuple[float, tuple[float, float] | None]:
+         epochs: int = 0, recipe: str = "pretrain") -> tuple[float, tuple[float, float] | None, dict | None]:
+    """(images/s, whole epochs' figures or None, requests per image and by method or None)."""
+    import collections
+
     import ray
     from timm.data.random_erasing import RandomErasing
+    from s3_proxy import S3Proxy
+    proxy = S3Proxy(endpoint) if endpoint else None
 
     ray.init(address="local", num_cpus=cpus,  # a Ray of its own, even beside a running cluster
              include_dashboard=False, log_to_driver=False,
@@ -132,22 +143,35 @@ def ours(data: str, fmt: str, cpus: int, seconds: float, batch: int, size: int, 
         augment = PRETRAIN if recipe == "pretrain" else Augment((0.08, 1.0), RAND_AUGMENT)
         erase = RandomErasing(0.25, mode="pixel", max_count=1, num_splits=0, device="cpu") \
             if recipe == "finetune" else None
-        d = DataConfig(path=data, format=fmt, s3_endpoint=endpoint)
+        d = DataConfig(path=data, format=fmt, s3_endpoint=proxy.endpoint if proxy else None)
         lanes = training_stream(d.open(), d, size, seed=0, augment=augment)
         streams = EpochStreams(lanes.datasets, lanes.key, skip_counter(), plans=True, batch_size=batch,
                                drop_last=True, prefetch_batches=4,
                                dtypes=DTYPES)
         device, epochs_started = torch.device("cpu"), itertools.count()
         buffer = None  # the train loop reuses its input tensor on the CPU, as here
+        given = [0]  # images the stream gave
 
         def epoch():  # the next epoch, as the train loop reads it: the one after it starts ahead
             nonlocal buffer
             e = next(epochs_started)
             for b in streams.epoch(e, 0, e + 1):
+                given[0] += len(b["image"])
                 buffer = normalize_on_device(b["image"], device, out=buffer)
                 yield buffer if erase is None else erase(buffer)
+
+        def requests_since(start: tuple[int, int]) -> dict | None:
+            if proxy is None:
+                return None
+            log, images = proxy.log[start[0]:], given[0] - start[1]
+            return {"requests_per_image": len(log) / max(images, 1), "images": images,
+                    "requests": dict(collections.Counter(method for method, _, _ in log))}
         try:
-            return timed(epoch, seconds), whole_epochs(epoch, epochs) if epochs else None
+            rate = timed(epoch, seconds)
+            if not epochs:
+                return rate, None, requests_since((0, 0))
+            start = (len(proxy.log) if proxy else 0, given[0])
+            return rate, whole_epochs(epoch, epochs), requests_since(start)
         finally:
             streams.close()
     finally:
@@ -155,6 +179,8 @@ def ours(data: str, fmt: str, cpus: int, seconds: float, batch: int, size: int, 
         gc.collect()  # the closed iterators' prefetch threads end before the runtime does
         time.sleep(1)
         ray.shutdown()
+        if proxy is not None:
+            proxy.close()
 
 
 def main():
@@ -179,8 +205,8 @@ def main():
 
     base = baseline(base_root, args.cpus, args.seconds, args.batch, args.input_size, args.recipe)
     print(f"(a) DataLoader, {args.cpus} workers, {args.recipe} PIL transforms ({base_root}): {base:8.1f} images/s")
-    mine, epochs = ours(args.data, args.format, args.cpus, args.seconds, args.batch, args.input_size,
-                        args.s3_endpoint, args.epochs, args.recipe)
+    mine, epochs, requests = ours(args.data, args.format, args.cpus, args.seconds, args.batch, args.input_size,
+                                  args.s3_endpoint, args.epochs, args.recipe)
     print(f"(b) Ray Data stream, {args.cpus} CPUs ({args.format}, {args.data}):     {mine:8.1f} images/s"
           f" ({'crop-region' if REGION_DECODE else 'whole-image'} JPEG decoding)")
     result = {"recipe": args.recipe, "baseline_images_per_sec": base, "ours_images_per_sec": mine,
@@ -190,6 +216,10 @@ def main():
         print(f"(c) {args.epochs} whole epochs of (b): {whole:8.1f} images/s, boundaries included; "
               f"{steady:8.1f} inside epochs")
         result.update(epochs_images_per_sec=whole, steady_images_per_sec=steady, epochs_ratio=whole / steady)
+    if requests:
+        print(f"(d) requests to {args.s3_endpoint}: {requests['requests']} for {requests['images']} images: "
+              f"{requests['requests_per_image']:.4f} per image")
+        result.update(requests)
     print(json.dumps(result))
 
 

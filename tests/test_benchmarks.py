@@ -20,12 +20,17 @@ def test_train_step_benchmark_prints_ratio_and_flops():
 
 
 @pytest.mark.slow
-def test_ingest_benchmark_prints_both_rates_and_the_cost_of_epoch_boundaries(digits):
-    """Ours against the DataLoader baseline, then whole epochs against the steady rate; with
-    the fine-tuning view (RandAugment on both sides, random erasing): the pretraining view is
-    the default and differs only in the transforms."""
+def test_ingest_benchmark_prints_both_rates_the_cost_of_epoch_boundaries_and_requests_per_image(digits, s3_server):
+    """Ours (WebDataset shards on the S3 server, through the benchmark's counting proxy)
+    against the DataLoader baseline (the ImageFolder they came from), then whole epochs
+    against the steady rate; with the fine-tuning view (RandAugment on both sides, random
+    erasing): the pretraining view is the default and differs only in the transforms. Over
+    the epochs the stream makes at most one request per 50 images."""
+    from pipelines.prepare_shards import convert
+    convert(str(digits), "s3://runs/ingest-bench", "webdataset", shard_size=256 * 2**10, s3_endpoint=s3_server)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the benchmark starts its own Ray
-    out = subprocess.run([sys.executable, "benchmarks/ingest.py", "--data", str(digits), "--cpus", "2",
+    out = subprocess.run([sys.executable, "benchmarks/ingest.py", "--data", "s3://runs/ingest-bench", "--format",
+                          "webdataset", "--baseline-data", str(digits), "--s3-endpoint", s3_server, "--cpus", "2",
                           "--seconds", "2", "--epochs", "2", "--batch", "32", "--input-size", "32",
                           "--recipe", "finetune"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -35,6 +40,8 @@ def test_ingest_benchmark_prints_both_rates_and_the_cost_of_epoch_boundaries(dig
     assert result["ratio"] == pytest.approx(result["ours_images_per_sec"] / result["baseline_images_per_sec"])
     assert result["epochs_ratio"] == pytest.approx(result["epochs_images_per_sec"] / result["steady_images_per_sec"])
     assert 0 < result["epochs_images_per_sec"]
+    assert result["images"] >= 3 * (1438 // 32) * 32 and result["requests"].get("GET", 0) > 0
+    assert result["requests_per_image"] <= 1 / 50, result
 
 
 @pytest.mark.slow

@@ -125,27 +125,28 @@ class DataConfig:
     """CPUs that must remain for decoding beyond the training workers' reservation; the
     preflight fails at once if the cluster cannot spare them."""
 
-    def open(self, path: str | None = None, split: str = "train") -> "Source":
+    def open(self, path: str | None = None, split: str = "train", count=None) -> "Source":
         """The images at `path` (null: `data.path`) in `data.format`, listed and counted,
         through this section's S3 endpoint, region and credentials; `split`: the
-        imagefolder's folder under `path` (train, val)."""
+        imagefolder's folder under `path` (train, val); `count`: how shards that nothing
+        counts are counted (`reading.open_source`; default: by this process)."""
         # imported here: a train worker reads its config, never the data (tests/test_layout.py)
-        from pipelines.data.reading import open_source
+        from pipelines.data.reading import count_here, open_source
         return open_source(self.format, self.path if path is None else path, self.s3_endpoint, self.s3_region,
-                           self.s3_credentials_file, split=split)
+                           self.s3_credentials_file, split=split, count=count or count_here)
 
-    def open_val(self) -> "Source":
+    def open_val(self, count=None) -> "Source":
         """Fine-tuning and linear probing: the validation images, `val_path` (an imagefolder's
         `<val_path>/<class>/<image>`, or shards), or else an imagefolder's `<path>/val/`."""
         if self.val_path is None and self.format != "imagefolder":
             raise ConfigError(f"data.val_path: {self.format} shards need it (a folder, glob or brace pattern of the "
                               "validation shards)")
         if self.val_path is None:
-            return self.open(split="val")
+            return self.open(split="val", count=count)
         if self.format == "imagefolder":  # <val_path>/<class>/<image>
             root, _, split = self.val_path.rstrip("/").rpartition("/")
-            return self.open(root, split)
-        return self.open(self.val_path)
+            return self.open(root, split, count)
+        return self.open(self.val_path, count=count)
 
 
 @dataclass

@@ -172,7 +172,9 @@ def list_shards(fs: pafs.FileSystem, path: str, fmt: str) -> list[str]:
     ext = SHARD_EXTENSIONS[fmt]
     if "{" in path:
         shards = expand_braces(path)
-        missing = [p for p, i in zip(shards, fs.get_file_info(shards)) if i.type != pafs.FileType.File]
+        with ThreadPoolExecutor(16) as pool:  # a HEAD each on S3: 16 in flight (one list of paths goes one by one)
+            infos = list(pool.map(fs.get_file_info, shards))
+        missing = [p for p, i in zip(shards, infos) if i.type != pafs.FileType.File]
         if missing:
             raise DataError(f"data.path: {len(missing)} of the {len(shards)} shards of the pattern do not exist "
                             f"(first: {missing[0]})")
@@ -208,7 +210,7 @@ def count_tar(fs: pafs.FileSystem, shard: str) -> int:
     """Samples (image members) of a WebDataset tar, read through `READ_BYTES` at a time: a
     pass over its headers alone would seek to each one, on S3 a request per member."""
     n = 0
-    with fs.open_input_stream(shard, buffer_size=READ_BYTES) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+    with ReadAhead(fs.open_input_stream(shard)) as f, tarfile.open(fileobj=f, mode="r|") as tar:
         while (member := tar.next()) is not None:
             n += member.isfile() and wds_member(member.name)[1] in WDS_IMAGE_KEYS
             tar.members.clear()  # tarfile keeps every member it has read: 16 shards of them at a time
@@ -306,10 +308,18 @@ class Source:
         return evenly_spaced(list(filter(decodes, candidates)), n)
 
 
+def count_here(fs: pafs.FileSystem, shards: list[str], fmt: str) -> list[int]:
+    """Images of each shard, counted by this process, 16 shards at a time."""
+    with ThreadPoolExecutor(16) as pool:
+        return list(pool.map(lambda s: count_shard(fs, s, fmt), shards))
+
+
 def open_source(fmt: str, uri: str, endpoint: str | None = None, region: str | None = None,
-                credentials_file: str | None = None, split: str = "train") -> Source:
+                credentials_file: str | None = None, split: str = "train", count=count_here) -> Source:
     """List and count the images of `uri` in layout `fmt` (see the module doc); `split`: the
-    imagefolder's folder under `uri` (train, val)."""
+    imagefolder's folder under `uri` (train, val); `count(fs, shards, fmt)`: the images of
+    each shard that neither a manifest nor a size file counts (a bare tar is read through;
+    the driver passes `stream.count_in_tasks`, which reads them in Ray tasks on the cluster)."""
     store = open_storage(uri, endpoint, region, credentials_file)
     fs, path = store.fs, store.root
     if fmt == "imagefolder":
@@ -331,8 +341,7 @@ def open_source(fmt: str, uri: str, endpoint: str | None = None, region: str | N
         unknown = [s for s in shards if s not in counts]
     if unknown:  # shards nobody counted: count them (in parallel)
         try:
-            with ThreadPoolExecutor(16) as pool:
-                counts.update(zip(unknown, pool.map(lambda s: count_shard(fs, s, fmt), unknown)))
+            counts.update(zip(unknown, count(fs, unknown, fmt), strict=True))
         except (OSError, tarfile.TarError, pa.ArrowInvalid) as e:
             raise DataError(f"data.path: cannot read the {fmt} shards at {uri}: {e}") from None
     classes = tuple(json.loads(folder.read(CLASSES) or "[]"))
@@ -465,30 +474,79 @@ def parquet_samples(fs: pafs.FileSystem, shard: str, batch_size: int, part: int 
         f.close()
 
 
-def tar_header_at(fs: pafs.FileSystem, shard: str, start: int) -> int | None:
-    """The offset of the first tar header at or after byte `start` of `shard` (on a 512-byte
-    boundary, "ustar" magic, a valid checksum), read `READ_BYTES` at a time; None when there
-    is none (past the last member)."""
+def tar_header_at(f, start: int) -> tuple[int, memoryview] | None:
+    """The offset of the first tar header at or after byte `start` of the open file `f` (on a
+    512-byte boundary, "ustar" magic, a valid checksum), read `READ_BYTES` at a time, and the
+    bytes read from there on (the caller goes on from them: nothing is read twice); None when
+    there is none (past the last member)."""
     pos = -(-start // 512) * 512
-    with fs.open_input_file(shard) as f:
-        size = f.size()
-        while pos < size:
-            f.seek(pos)
-            chunk = f.read(min(READ_BYTES, size - pos))
-            at = chunk.find(b"ustar", 257)
-            while at != -1:
-                k = at - 257
-                if k % 512 == 0 and k + 512 <= len(chunk):
-                    try:
-                        tarfile.TarInfo.frombuf(chunk[k:k + 512], "utf-8", "surrogateescape")
-                        return pos + k
-                    except tarfile.HeaderError:
-                        pass
-                at = chunk.find(b"ustar", at + 1)
-            if len(chunk) < 512:
-                return None
-            pos += len(chunk) - len(chunk) % 512
+    size = f.size()
+    while pos < size:
+        f.seek(pos)
+        chunk = f.read(min(READ_BYTES, size - pos))
+        at = chunk.find(b"ustar", 257)
+        while at != -1:
+            k = at - 257
+            if k % 512 == 0 and k + 512 <= len(chunk):
+                try:
+                    tarfile.TarInfo.frombuf(chunk[k:k + 512], "utf-8", "surrogateescape")
+                    return pos + k, memoryview(chunk)[k:]
+                except tarfile.HeaderError:
+                    pass
+            at = chunk.find(b"ustar", at + 1)
+        if len(chunk) < 512:
+            return None
+        pos += len(chunk) - len(chunk) % 512
     return None
+
+
+class ReadAhead:
+    """A read-only stream of `head` (bytes already read), then of `raw` (a pyarrow stream or
+    file, from where it stands) `READ_BYTES` per request, the next request in flight in a
+    thread of its own while the bytes of this one are used (decoded): at most two requests'
+    bytes held at once."""
+
+    def __init__(self, raw, head: bytes | memoryview = b""):
+        self.raw, self.size = raw, READ_BYTES
+        self.buf, self.at, self.ended = memoryview(head), 0, False
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="read-ahead")
+        self.next = self.pool.submit(raw.read, self.size)
+
+    def _refill(self) -> bool:
+        """The next request's bytes in `buf` (and the one after it asked for); False at the end."""
+        if self.ended:
+            return False
+        data = self.next.result()
+        if len(data) < self.size:  # a stream's read is short only at its end
+            self.ended = True
+        else:
+            self.next = self.pool.submit(self.raw.read, self.size)
+        self.buf, self.at = memoryview(data), 0
+        return len(data) > 0
+
+    def read(self, n: int = -1) -> bytes:
+        out = []
+        want = n if n is not None and n >= 0 else None
+        while want is None or want > 0:
+            if self.at >= len(self.buf) and not self._refill():
+                break
+            stop = len(self.buf) if want is None else min(len(self.buf), self.at + want)
+            out.append(bytes(self.buf[self.at:stop]))
+            if want is not None:
+                want -= stop - self.at
+            self.at = stop
+        return b"".join(out)
+
+    def close(self) -> None:
+        self.ended = True
+        self.pool.shutdown(wait=True, cancel_futures=True)  # a request in flight ends before the file closes
+        self.raw.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _tar_pass(fs: pafs.FileSystem, shard: str, skip: int, max_bytes: int | None, byte_range: tuple | None):
@@ -498,9 +556,16 @@ def _tar_pass(fs: pafs.FileSystem, shard: str, skip: int, max_bytes: int | None,
     `start` (that one is the previous range's), up to and including the one holding the
     first header at or after `end`: consecutive ranges give every sample once."""
     start, end = byte_range or (0, None)
-    begin = tar_header_at(fs, shard, start) if start else 0
-    if begin is None:
-        return
+    if start:  # the file opened once: its first header found, the pass goes on from the bytes read
+        f = fs.open_input_file(shard)
+        found = tar_header_at(f, start)
+        if found is None:
+            f.close()
+            return
+        begin, head = found
+        f.seek(begin + len(head))
+    else:
+        begin = 0
     key, sample = None, {}
     first = start > 0  # the sample in progress at `start`: the previous range's
     reaches_end = False  # the sample in progress holds the first header at or after `end`
@@ -514,11 +579,7 @@ def _tar_pass(fs: pafs.FileSystem, shard: str, skip: int, max_bytes: int | None,
         return data, label, f"{shard}:{key}"
 
     def stream():  # READ_BYTES at a time: tarfile reads 10 KB records, on S3 each its own request
-        if not begin:
-            return fs.open_input_stream(shard, buffer_size=READ_BYTES)
-        f = fs.open_input_file(shard)
-        f.seek(begin)
-        return pa.BufferedInputStream(f, READ_BYTES)
+        return ReadAhead(f, head) if start else ReadAhead(fs.open_input_stream(shard))
 
     with stream() as f, tarfile.open(fileobj=f, mode="r|") as tar:
         for member in tar:

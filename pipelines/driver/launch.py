@@ -30,8 +30,8 @@ from pipelines.common.config import (
 )
 from pipelines.common.errors import one_line
 from pipelines.data.demo_data import write_digits
-from pipelines.data.reading import DataError, Source
-from pipelines.data.stream import image_stream, training_stream
+from pipelines.data.reading import DataError, Source, count_here
+from pipelines.data.stream import count_in_tasks, image_stream, training_stream
 from pipelines.driver.trainer import build_trainer
 from pipelines.output.console import Follow
 from pipelines.output.run_files import best_epoch, ended_by, read_jsonl
@@ -71,13 +71,25 @@ def print_plan(cfg: Config, accelerator_rate: float) -> int:
     return 0
 
 
-def prepare_data(d: DataConfig) -> Source:
+def count_on_cluster(verbose: bool):
+    """`DataConfig.open`'s count for shards that nothing counts: a Parquet shard's footer says
+    it (a request or two, read here); bare tars are read through by Ray tasks across the
+    cluster (joined first), not by this driver."""
+    def count(fs, shards: list[str], fmt: str) -> list[int]:
+        if fmt == "parquet":
+            return count_here(fs, shards, fmt)
+        start_ray(verbose)
+        return count_in_tasks(fs, shards, fmt)
+    return count
+
+
+def prepare_data(d: DataConfig, verbose: bool = False) -> Source:
     """The training images, listed and counted (the demo dataset written first if asked)."""
     if d.build_demo and d.format == "imagefolder" and not d.path.startswith("s3://") \
             and not os.path.isdir(os.path.join(d.path, "train")):
         print(f"writing the demo dataset (scikit-learn digits) to {d.path}")
         write_digits(d.path)
-    return d.open()
+    return d.open(count=count_on_cluster(verbose))
 
 
 @dataclass(frozen=True)
@@ -90,7 +102,7 @@ class Classes:
 def prepare_classes(cfg: Config, train: Source) -> Classes:
     """The validation source (imagefolder `val/`, or `data.val_path`'s shards) and the number
     of classes, checked against the training data's; the pretrained checkpoint is found."""
-    val = cfg.data.open_val()
+    val = cfg.data.open_val(count=count_on_cluster(cfg.run.verbose))
     if train.classes and val.classes and val.classes != train.classes:  # labels index the sorted class names
         raise DataError(f"data.val_path: the validation images have {len(val.classes)} classes, the training "
                         f"images {len(train.classes)} (first differing: "
@@ -120,7 +132,7 @@ def main(argv=None, task: str = "pretrain", doc: str = "") -> int:
         args, cfg = parse_args(argv, task, doc)
         if args.plan:
             return print_plan(cfg, args.accelerator_rate)
-        source = prepare_data(cfg.data)
+        source = prepare_data(cfg.data, cfg.run.verbose)
         check_epoch(cfg, len(source))
         classes = prepare_classes(cfg, source) if task_of(cfg).classifies else None
     except (ConfigError, DataError) as e:
@@ -151,7 +163,10 @@ def main(argv=None, task: str = "pretrain", doc: str = "") -> int:
 
 def start_ray(verbose: bool) -> None:
     """Join the cluster (or start a local one); Ray's processes print to its log files only
-    unless `verbose` (pipelines/output/console.py)."""
+    unless `verbose` (pipelines/output/console.py). Once: listing may have joined it to count
+    shards (`count_on_cluster`)."""
+    if ray.is_initialized():
+        return
     ray.init(ignore_reinit_error=True, log_to_driver=verbose,
              logging_level=logging.INFO if verbose else logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False  # the train loop logs progress
