@@ -474,16 +474,17 @@ def parquet_samples(fs: pafs.FileSystem, shard: str, batch_size: int, part: int 
         f.close()
 
 
-def tar_header_at(f, start: int) -> tuple[int, memoryview] | None:
+def tar_header_at(f, start: int, end: int | None = None) -> tuple[int, memoryview] | None:
     """The offset of the first tar header at or after byte `start` of the open file `f` (on a
-    512-byte boundary, "ustar" magic, a valid checksum), read `READ_BYTES` at a time, and the
-    bytes read from there on (the caller goes on from them: nothing is read twice); None when
-    there is none (past the last member)."""
+    512-byte boundary, "ustar" magic, a valid checksum), read `READ_BYTES` at a time (up to
+    about `end`, where the caller's range ends: `ReadAhead.request`), and the bytes read from
+    there on (the caller goes on from them: nothing is read twice); None when there is none
+    (past the last member)."""
     pos = -(-start // 512) * 512
     size = f.size()
     while pos < size:
         f.seek(pos)
-        chunk = f.read(min(READ_BYTES, size - pos))
+        chunk = f.read(min(ReadAhead.request(pos, end), size - pos))
         at = chunk.find(b"ustar", 257)
         while at != -1:
             k = at - 257
@@ -502,25 +503,40 @@ def tar_header_at(f, start: int) -> tuple[int, memoryview] | None:
 
 class ReadAhead:
     """A read-only stream of `head` (bytes already read), then of `raw` (a pyarrow stream or
-    file, from where it stands) `READ_BYTES` per request, the next request in flight in a
-    thread of its own while the bytes of this one are used (decoded): at most two requests'
-    bytes held at once."""
+    file, from where it stands: byte `pos` of its object) `READ_BYTES` per request, the next
+    request in flight in a thread of its own while the bytes of this one are used (decoded):
+    at most two requests' bytes held at once. With `end` (where a byte range ends; its reader
+    reads on only through the sample in progress there) requests stop at `end` and go on past
+    it `AFTER_END` at a time, so a range costs little more than its own bytes."""
+    AFTER_END = 256 * 2**10
 
-    def __init__(self, raw, head: bytes | memoryview = b""):
-        self.raw, self.size = raw, READ_BYTES
+    def __init__(self, raw, head: bytes | memoryview = b"", pos: int = 0, end: int | None = None):
+        self.raw, self.end, self.pos = raw, end, pos + len(head)  # pos: of the next request
         self.buf, self.at, self.ended = memoryview(head), 0, False
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="read-ahead")
-        self.next = self.pool.submit(raw.read, self.size)
+        self.next = self._ask()
+
+    @staticmethod
+    def request(pos: int, end: int | None) -> int:
+        """Bytes of the request at byte `pos`: `READ_BYTES`, cut at `end` (never below
+        `AFTER_END`), `AFTER_END` past it."""
+        return READ_BYTES if end is None else min(READ_BYTES, max(end - pos, ReadAhead.AFTER_END))
+
+    def _ask(self):
+        n = self.request(self.pos, self.end)
+        self.pos += n
+        return self.pool.submit(self.raw.read, n), n
 
     def _refill(self) -> bool:
         """The next request's bytes in `buf` (and the one after it asked for); False at the end."""
         if self.ended:
             return False
-        data = self.next.result()
-        if len(data) < self.size:  # a stream's read is short only at its end
+        future, asked = self.next
+        data = future.result()
+        if len(data) < asked:  # a stream's read is short only at its end
             self.ended = True
         else:
-            self.next = self.pool.submit(self.raw.read, self.size)
+            self.next = self._ask()
         self.buf, self.at = memoryview(data), 0
         return len(data) > 0
 
@@ -558,7 +574,7 @@ def _tar_pass(fs: pafs.FileSystem, shard: str, skip: int, max_bytes: int | None,
     start, end = byte_range or (0, None)
     if start:  # the file opened once: its first header found, the pass goes on from the bytes read
         f = fs.open_input_file(shard)
-        found = tar_header_at(f, start)
+        found = tar_header_at(f, start, end)
         if found is None:
             f.close()
             return
@@ -579,7 +595,7 @@ def _tar_pass(fs: pafs.FileSystem, shard: str, skip: int, max_bytes: int | None,
         return data, label, f"{shard}:{key}"
 
     def stream():  # READ_BYTES at a time: tarfile reads 10 KB records, on S3 each its own request
-        return ReadAhead(f, head) if start else ReadAhead(fs.open_input_stream(shard))
+        return ReadAhead(f, head, begin, end) if start else ReadAhead(fs.open_input_stream(shard), end=end)
 
     with stream() as f, tarfile.open(fileobj=f, mode="r|") as tar:
         for member in tar:
