@@ -450,7 +450,7 @@ def test_a_second_submission_of_a_live_run_stops_at_once_and_a_dead_ones_lease_i
         assert len(read_jsonl(run / "attempts.jsonl")) == 1
 
         taker = {"job_id": None, "submission_id": None, "cluster": None, "host": "elsewhere", "pid": 4242,
-                 "acquired": time.time(), "renewed": time.time(), "ttl": 12.0, "token": "the-new-holder"}
+                 "acquired": time.time(), "renewed": time.time(), "ttl": 4.0, "token": "the-new-holder"}
         (run / "lease.json.tmp").write_text(json.dumps(taker))
         os.replace(run / "lease.json.tmp", run / "lease.json")
         taken = time.monotonic()
