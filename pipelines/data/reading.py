@@ -167,14 +167,19 @@ def expand_braces(pattern: str) -> list[str]:
     return [p for item in items for p in expand_braces(head + item + tail)]
 
 
+def file_infos(fs: pafs.FileSystem, paths) -> list[pafs.FileInfo]:
+    """`fs.get_file_info` of each path, 16 in flight (a HEAD each on S3; pyarrow's own call
+    with a list of paths makes them one after another)."""
+    with ThreadPoolExecutor(16) as pool:
+        return list(pool.map(fs.get_file_info, paths))
+
+
 def list_shards(fs: pafs.FileSystem, path: str, fmt: str) -> list[str]:
     """Shard files of `path`: a folder (searched recursively), a glob, or a brace pattern."""
     ext = SHARD_EXTENSIONS[fmt]
     if "{" in path:
         shards = expand_braces(path)
-        with ThreadPoolExecutor(16) as pool:  # a HEAD each on S3: 16 in flight (one list of paths goes one by one)
-            infos = list(pool.map(fs.get_file_info, shards))
-        missing = [p for p, i in zip(shards, infos) if i.type != pafs.FileType.File]
+        missing = [p for p, i in zip(shards, file_infos(fs, shards)) if i.type != pafs.FileType.File]
         if missing:
             raise DataError(f"data.path: {len(missing)} of the {len(shards)} shards of the pattern do not exist "
                             f"(first: {missing[0]})")

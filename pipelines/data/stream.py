@@ -38,6 +38,7 @@ from pipelines.data.reading import (
     Retry,
     Source,
     count_shard,
+    file_infos,
     imagefolder_samples,
     parquet_parts,
     parquet_row_groups,
@@ -344,8 +345,7 @@ def split_plan(source: Source, units: int) -> tuple[tuple | None, tuple | None]:
     if source.format == "imagefolder" or len(source.files) >= units:
         return None, None
     if source.format == "webdataset":
-        with ThreadPoolExecutor(16) as pool:  # a HEAD each on S3, 16 in flight (a list of paths goes one by one)
-            return None, tuple(i.size for i in pool.map(source.fs.get_file_info, source.files))
+        return None, tuple(i.size for i in file_infos(source.fs, source.files))
 
     def groups(shard: str, count: int) -> tuple[int, ...] | None:
         """Rows per row group; None where the shard does not agree with its count (damaged:
