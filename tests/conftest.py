@@ -78,7 +78,7 @@ def ray_cluster():
     # pytest workers, each with its cluster, and another suite may run on the machine; Ray's
     # fixed defaults (the client server's 10001, the dashboard agent's 52365) would collide
     subprocess.run([RAY, "start", "--head", f"--port={address.split(':')[1]}", "--node-ip-address=127.0.0.1",
-                    "--num-cpus=2", f"--resources={{\"sdaa\": {SDAA_UNITS}}}",
+                    "--num-cpus=4", f"--resources={{\"sdaa\": {SDAA_UNITS}}}",
                     f"--object-store-memory={400 * 2**20}", "--dashboard-host=127.0.0.1",
                     f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={_free_port()}",
                     f"--dashboard-agent-listen-port={_free_port()}", "--min-worker-port=0", "--max-worker-port=0",
