@@ -333,9 +333,10 @@ class Lease:
         with self._lost_lock:
             if self.lost is not None or self._released:
                 return
+            # said before `lost` is set: whoever sees the lease lost can read why in the log
+            logger.error("%s; stopped renewing it: this process must stop writing the run", why)
             self.lost = why
             callbacks = list(self._on_lost)
-        logger.error("%s; stopped renewing it: this process must stop writing the run", why)
         for callback in callbacks:
             try:
                 callback(why)
