@@ -26,6 +26,10 @@ os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", 
 # Ray Train's controller polls its workers every 2 s by default, so a run's end (and each
 # start) was noticed up to 2 s late; the clusters the tests start poll every 0.5 s.
 os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
+# Each node's dashboard agent samples every Ray process's CPU and memory (psutil) every 5 s for
+# the dashboard's node view and metrics, which no test reads: a minute here. (The clusters the
+# suite starts run ~400 worker processes; the agents were ~3% of the suite's CPU.)
+os.environ["REPORTER_UPDATE_INTERVAL_MS"] = "60000"
 SDAA_UNITS = 2  # the shared cluster advertises a custom `sdaa` resource, as SDAA nodes do
 
 

@@ -25,11 +25,15 @@ def assert_each_epoch_and_step_once(run_dir, epochs):
     assert [s["step"] for s in read_jsonl(run_dir / "steps.jsonl")] == list(range(1, epochs * STEPS_PER_EPOCH + 1))
 
 
-def test_job_submit_on_sdaa_nodes_stop_and_resubmit(ray_cluster, digits, tmp_path):
+def test_job_submit_on_sdaa_nodes_stop_resubmit_and_a_worker_killed(ray_cluster, digits, tmp_path):
+    """`ray job submit` on the sdaa resource; `ray job stop` after the first checkpoint; the
+    resubmission resumes from the latest checkpoint; then rank 1's worker process is killed
+    (SIGKILL) after the resumed run's own first checkpoint: the run restarts its workers from
+    the latest checkpoint (run.max_failures=1) and ends with every epoch and step once."""
     _, dashboard = ray_cluster
     epochs = 12  # enough that the stop lands before the job could finish by itself
     overrides = [f"data.path={digits}", f"run.storage_path={tmp_path}", "run.name=job", f"train.epochs={epochs}",
-                 "scaling.accelerator=sdaa", "scaling.device_type=cpu"]
+                 "scaling.accelerator=sdaa", "scaling.device_type=cpu", "run.max_failures=1"]
     submit = [RAY, "job", "submit", "--address", dashboard, "--working-dir", str(ROOT)]
     entrypoint = ["--", "python", "pipelines/pretrain.py", "--config", "configs/debug.yaml", *overrides]
     first = subprocess.run([*submit, "--no-wait", *entrypoint], capture_output=True, text=True, timeout=120,
@@ -41,43 +45,40 @@ def test_job_submit_on_sdaa_nodes_stop_and_resubmit(ray_cluster, digits, tmp_pat
     assert "was stopped" in status.stdout
     done_before = len(read_jsonl(tmp_path / "job" / "metrics.jsonl"))
     assert 1 <= done_before < epochs
+    saved_before = set(registered_checkpoints(tmp_path / "job"))
 
-    second = subprocess.run([*submit, *entrypoint], capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0, second.stdout[-3000:]
-    assert re.search(r"Job .raysubmit_\w+. succeeded", second.stdout)
-    assert_each_epoch_and_step_once(tmp_path / "job", epochs)
-    # the run's own record of its starts: the resubmission continued from the latest checkpoint,
-    # one worker per unit of the custom resource
-    first_start, resumed = read_jsonl(tmp_path / "job" / "attempts.jsonl")
-    assert (first_start["epoch"], first_start["step"], first_start["source"]) == (0, 0, "fresh weights")
-    assert resumed["epoch"] >= 1 and resumed["step"] == resumed["epoch"] * STEPS_PER_EPOCH
-    assert resumed["source"].startswith("the run's latest checkpoint")
-    for attempt in (first_start, resumed):
-        assert [w["rank"] for w in attempt["workers"]] == [0, 1] and SDAA_UNITS == 2
-        assert all(w["device"] == "cpu" and w["resources"] == {"CPU": 0.5, "sdaa": 1.0} for w in attempt["workers"])
-        assert len({w["pid"] for w in attempt["workers"]}) == 2
-
-
-def test_worker_killed_mid_run_is_survived(ray_cluster, digits, tmp_path):
-    proc = run_pretrain(f"data.path={digits}", f"run.storage_path={tmp_path}", "run.name=kill", "train.epochs=6",
-                        "run.max_failures=1", wait=False)
+    second = subprocess.Popen([*submit, *entrypoint], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader = threading.Thread(target=lambda: lines.extend(second.stdout), daemon=True)  # never a full pipe
     reader.start()
     try:
-        wait_for(lambda: registered_checkpoints(tmp_path / "kill"), 300, "the first checkpoint")
-        (attempt,) = read_jsonl(tmp_path / "kill" / "attempts.jsonl")
-        os.kill(attempt["workers"][1]["pid"], signal.SIGKILL)  # rank 1's worker process
-        proc.wait(timeout=600)
+        # (a checkpoint registered after the resume: its attempt's line was written before it)
+        wait_for(lambda: set(registered_checkpoints(tmp_path / "job")) - saved_before, 300,
+                 "the resumed run's first checkpoint")
+        resumed = read_jsonl(tmp_path / "job" / "attempts.jsonl")[1]
+        os.kill(resumed["workers"][1]["pid"], signal.SIGKILL)  # rank 1's worker process
+        second.wait(timeout=600)
         reader.join(timeout=30)
         out = "".join(lines)
     finally:
-        proc.kill()
-    assert proc.returncode == 0, out[-3000:]
-    first_start, restart = read_jsonl(tmp_path / "kill" / "attempts.jsonl")  # started, then restarted
-    assert restart["step"] >= STEPS_PER_EPOCH and restart["source"].startswith("the run's latest checkpoint")
-    assert restart["workers"][1]["pid"] != first_start["workers"][1]["pid"]
-    assert_each_epoch_and_step_once(tmp_path / "kill", 6)
+        second.kill()
+    assert second.returncode == 0, out[-3000:]
+    assert re.search(r"Job .raysubmit_\w+. succeeded", out)
+    assert_each_epoch_and_step_once(tmp_path / "job", epochs)
+    # the run's own record of its starts: the resubmission continued from the latest checkpoint,
+    # and so did its restart after the kill, with a new process for rank 1; one worker per unit
+    # of the custom resource each time
+    first_start, resumed, restart = read_jsonl(tmp_path / "job" / "attempts.jsonl")
+    assert (first_start["epoch"], first_start["step"], first_start["source"]) == (0, 0, "fresh weights")
+    assert resumed["epoch"] >= 1 and resumed["step"] == resumed["epoch"] * STEPS_PER_EPOCH
+    assert resumed["source"].startswith("the run's latest checkpoint")
+    assert restart["step"] >= resumed["step"] + STEPS_PER_EPOCH and restart["source"].startswith(
+        "the run's latest checkpoint")
+    assert restart["workers"][1]["pid"] != resumed["workers"][1]["pid"]
+    for attempt in (first_start, resumed, restart):
+        assert [w["rank"] for w in attempt["workers"]] == [0, 1] and SDAA_UNITS == 2
+        assert all(w["device"] == "cpu" and w["resources"] == {"CPU": 0.5, "sdaa": 1.0} for w in attempt["workers"])
+        assert len({w["pid"] for w in attempt["workers"]}) == 2
 
 
 def test_resources_that_can_never_fit_fail_fast(ray_cluster, digits, tmp_path):

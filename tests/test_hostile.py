@@ -432,14 +432,16 @@ def test_a_second_submission_of_a_live_run_stops_at_once_and_a_dead_ones_lease_i
     run = tmp_path / "one"
     args = (f"data.path={digits}", f"run.storage_path={tmp_path}", "run.name=one", "run.lease_ttl_seconds=12",
             "scaling.num_workers=1")  # the lease is the driver's: one worker is enough
-    first = run_pretrain(*args, "train.epochs=20", wait=False)
+    # epochs enough that only the takeover ends it (20 ended by themselves once, under load,
+    # before the second submission's driver had started)
+    first = run_pretrain(*args, "train.epochs=1000", wait=False)
     lines = []
     threading.Thread(target=lambda: lines.extend(first.stdout), daemon=True).start()  # never a full pipe
     try:
         wait_for(lambda: (run / "attempts.jsonl").exists(), 300, "the first run's workers")
         config = (run / "config.yaml").stat().st_mtime_ns
         t0 = time.monotonic()
-        second = run_pretrain(*args, "train.epochs=20", timeout=120)
+        second = run_pretrain(*args, "train.epochs=1000", timeout=120)
         assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
         last = second.stderr.strip().splitlines()[-1]
         assert re.fullmatch(rf"error: run directory {run} is in use by the driver of Ray job \w+ \(pid {first.pid} "
@@ -468,7 +470,7 @@ def test_a_second_submission_of_a_live_run_stops_at_once_and_a_dead_ones_lease_i
     written = {p: p.stat().st_mtime for p in run.rglob("*") if p.is_file()}
     assert json.loads((run / "lease.json").read_text())["token"] == "the-new-holder"  # not given back: not ours
     epochs = read_jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").exists() else []
-    assert len(epochs) < 20 and len(read_jsonl(run / "attempts.jsonl")) == 1  # stopped, not restarted
+    assert len(epochs) < 1000 and len(read_jsonl(run / "attempts.jsonl")) == 1  # stopped, not restarted
     time.sleep(3)
     assert {p: p.stat().st_mtime for p in run.rglob("*") if p.is_file()} == written  # nothing straggles in
 
