@@ -16,7 +16,6 @@ Pure PyTorch, timm and safetensors; never imports ray.
 import os
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 ENCODER_PARAMETERS = ("cls_token", "pos_embed")
 ENCODER_PREFIXES = ("patch_embed.", "blocks.", "norm.")
@@ -63,6 +62,7 @@ def timm_load_example(model_name: str | None, path: str | os.PathLike) -> str:
     The overlay's `num_classes=0` says the file has no head, so timm drops the head from the
     strict load (a 1000-class default config would otherwise demand `head.*`); the mean and std
     are the ImageNet ones MAE was trained with (timm's defaults for these ViTs are 0.5)."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # where a file is exported: not on import
     name = model_name or "vit_<size>_patch<p>_<img_size>"
     return (f'timm.create_model("{name}", pretrained=True, num_classes=1000, '
             f'pretrained_cfg_overlay=dict(file="{os.fspath(path)}", num_classes=0, '

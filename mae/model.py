@@ -11,6 +11,8 @@ import torch.nn as nn
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
+from mae.presets import list_models, preset, register_preset  # noqa: F401 (this module's names too)
+
 # --------------------------------------------------------------------------------------
 # Pure functions: position embedding, patchify, masking, loss
 # --------------------------------------------------------------------------------------
@@ -196,43 +198,9 @@ class MaskedAutoencoderViT(nn.Module):
 
 
 # --------------------------------------------------------------------------------------
-# Presets
+# Presets (registered in mae/presets.py)
 # --------------------------------------------------------------------------------------
-
-_PRESETS: dict[str, dict] = {}
-
-
-def register_preset(name: str, **arch) -> None:
-    if name in _PRESETS:
-        raise ValueError(f"preset {name!r} is already registered")
-    _PRESETS[name] = arch
-
-
-def list_models() -> list[str]:
-    return sorted(_PRESETS)
-
-
-def preset(name: str) -> dict:
-    """The constructor arguments of a registered preset."""
-    if name not in _PRESETS:
-        raise ValueError(f"unknown model {name!r}; choose one of {list_models()}")
-    return dict(_PRESETS[name])
-
 
 def create_model(name: str, **overrides) -> MaskedAutoencoderViT:
     """Build a registered preset; `overrides` replace its constructor arguments."""
     return MaskedAutoencoderViT(**{**preset(name), **overrides})
-
-
-_DEC512D8B = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4)
-
-# The paper's models (decoder: 512-d, 8 blocks, 16 heads).
-register_preset("mae_vit_base_patch16", patch_size=16, embed_dim=768, depth=12, num_heads=12, **_DEC512D8B)
-register_preset("mae_vit_large_patch16", patch_size=16, embed_dim=1024, depth=24, num_heads=16, **_DEC512D8B)
-register_preset("mae_vit_huge_patch14", patch_size=14, embed_dim=1280, depth=32, num_heads=16, **_DEC512D8B)
-
-# Small models for the demo (32 px digits) and for tests/debugging (seconds per epoch on CPU).
-register_preset("mae_vit_demo_patch4", img_size=32, patch_size=4, embed_dim=128, depth=4, num_heads=4,
-                decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4, mlp_ratio=4)
-register_preset("mae_vit_tiny_patch4", img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2,
-                decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2, mlp_ratio=2)

@@ -72,17 +72,19 @@ def stop_cluster(temp_dir: str, gcs_port: int | None = None) -> None:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """`ray start --head` from the project's venv, with 4 CPUs and 2 units of `sdaa`; yields
+    """`ray start --head` from the project's venv, with 2 CPUs and 2 units of `sdaa`; yields
     (GCS address, dashboard URL). The GCS address is also set as RAY_ADDRESS, so entry points
     started by tests join the cluster."""
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     address, dashboard_port = f"127.0.0.1:{_free_port()}", _free_port()
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # 2 CPUs, the machine's: with 4, each run on it started 3 decode processes (each importing
+    # torch and torchvision: ~3.5 s of CPU) for 1,438 digits of 8x8 px
     # every port its own (a free one, or the OS's choice for workers): `make test` runs two
     # pytest workers, each with its cluster, and another suite may run on the machine; Ray's
     # fixed defaults (the client server's 10001, the dashboard agent's 52365) would collide
     subprocess.run([RAY, "start", "--head", f"--port={address.split(':')[1]}", "--node-ip-address=127.0.0.1",
-                    "--num-cpus=4", f"--resources={{\"sdaa\": {SDAA_UNITS}}}",
+                    "--num-cpus=2", f"--resources={{\"sdaa\": {SDAA_UNITS}}}",
                     f"--object-store-memory={400 * 2**20}", "--dashboard-host=127.0.0.1",
                     f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={_free_port()}",
                     f"--dashboard-agent-listen-port={_free_port()}", "--min-worker-port=0", "--max-worker-port=0",

@@ -86,7 +86,9 @@ def test_resources_that_can_never_fit_fail_fast(ray_cluster, digits, tmp_path):
     result = run_pretrain(f"data.path={digits}", f"run.storage_path={tmp_path}", "scaling.num_workers=3",
                           "scaling.accelerator=sdaa", "scaling.device_type=cpu", timeout=120)
     assert result.returncode == 2 and time.monotonic() - t0 < 60
-    assert "error: scaling: 3 workers x 1 sdaa need 3 sdaa; the cluster has 2 sdaa on 1 node(s)" in result.stderr
+    assert result.stderr.strip().splitlines() == [  # every problem of the request, at once
+        "error: scaling: 3 workers x 0.5 CPU + 1 CPU for decoding (data.min_cpus) need 2.5 CPU; the cluster has 2 CPU "
+        "on 1 node(s)", "scaling: 3 workers x 1 sdaa need 3 sdaa; the cluster has 2 sdaa on 1 node(s)"]
     assert not checkpoint_dirs(tmp_path / "debug")
 
 

@@ -109,8 +109,10 @@ def test_private_ray_apis_only_in_ray_compat():
     assert not offenders
 
 
-def test_reading_imports_no_ray_and_the_train_loop_no_data_module():
-    probes = {"pipelines.data.reading": "ray", "pipelines.worker.loop": ("pipelines.data.reading", "pipelines.data.stream")}
+def test_reading_imports_no_ray_the_train_loop_no_data_module_and_the_driver_no_model_code():
+    """(The driver builds no model: timm and torchvision cost each run's driver over a second of CPU.)"""
+    probes = {"pipelines.data.reading": "ray", "pipelines.worker.loop": ("pipelines.data.reading", "pipelines.data.stream"),
+              "pipelines.driver.launch": ("timm", "torchvision", "mae.model")}
     for module, unwanted in probes.items():
         probe = f"import sys, {module}; print([m for m in sys.modules if m.startswith({unwanted!r})])"
         out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Literal
 
 import yaml
 
-import mae
 from cluster.accelerators import ACCELERATORS, Accelerator, resolve
 from cluster.storage import (
     CredentialsError,
@@ -24,6 +23,7 @@ from cluster.storage import (
     open_storage,
     read_credentials,
 )
+from mae.presets import list_models, preset
 from pipelines.common.checkpoints import locate_checkpoint
 from pipelines.common.schedule import Schedule
 
@@ -495,8 +495,8 @@ def _need(ok: bool, key: str, allowed: str, value) -> None:
 
 
 def _check_model(m: ModelConfig) -> None:
-    _need(m.name in mae.list_models(), "model.name", f"choose one of {mae.list_models()}", m.name)
-    patch = mae.model.preset(m.name)["patch_size"]
+    _need(m.name in list_models(), "model.name", f"choose one of {list_models()}", m.name)
+    patch = preset(m.name)["patch_size"]
     _need(m.input_size > 0 and m.input_size % patch == 0, "model.input_size",
           f"must be a positive multiple of {m.name}'s patch size {patch}", m.input_size)
     _need(0.0 < m.mask_ratio < 1.0, "model.mask_ratio", "must be in (0, 1)", m.mask_ratio)

@@ -13,7 +13,6 @@ from pipelines.common.config import Config
 from pipelines.data.lanes import NAMES as LANES
 from pipelines.data.lanes import Lanes
 from pipelines.worker.job import JOB, VAL, WorkerJob
-from pipelines.worker.loop import train_loop_per_worker
 
 
 def build_trainer(cfg: Config, stream: Lanes, num_images: int, held_out: list[bytes] = (),
@@ -43,6 +42,14 @@ def build_trainer(cfg: Config, stream: Lanes, num_images: int, held_out: list[by
         datasets=datasets,
         dataset_config=ordered_lanes(),
     )
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """What Ray Train runs on every worker: pipelines/worker/loop.py's loop, imported where a
+    worker runs it. The driver only hands this function to its TorchTrainer, and so never
+    loads the model's code (timm, torchvision: over a second of CPU per run)."""
+    from pipelines.worker.loop import train_loop_per_worker as loop
+    loop(config)
 
 
 def ordered_lanes() -> ray.train.DataConfig:

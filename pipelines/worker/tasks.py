@@ -16,24 +16,22 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup
-from timm.data.random_erasing import RandomErasing
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-from mae import create_model
 from mae.checkpoint import image_size_of, load_mae_state, model_state, recorded_preset
-from mae.classifier import create_classifier, load_pretrained, timm_state
 from mae.export import (
     encoder_state_for_timm,
     save_timm_encoder,
     timm_load_example,
     timm_model_name,
 )
-from mae.flops import classifier_train_flops_per_image, train_flops_per_image
 from mae.recipe import LARS, build_optimizer, param_groups_lrd
-from mae.transforms import normalize_on_device
 from pipelines.common.config import Config
 from pipelines.common.errors import FatalError, one_line
+
+# The model's code (mae.model, mae.classifier, mae.flops on timm; mae.transforms on
+# torchvision) is imported in the methods that use it, on the training workers: the driver
+# imports this module for a task's name and flags only, and importing timm and torchvision
+# cost every run's driver over a second of CPU.
 
 logger = logging.getLogger("mae.train")
 
@@ -48,6 +46,7 @@ class Pretrain:
     optimizer_moments = 2  # AdamW's, per trained weight
 
     def model(self, cfg: Config, num_classes: int | None = None) -> nn.Module:
+        from mae.model import create_model
         m = cfg.model
         return create_model(m.name, img_size=m.input_size, norm_pix_loss=m.norm_pix_loss)
 
@@ -70,6 +69,7 @@ class Pretrain:
             logger.info("checkpoint holds the encoder only; newly initialised: %s", ", ".join(missing))
 
     def train_flops(self, model: nn.Module, cfg: Config) -> float:
+        from mae.flops import train_flops_per_image
         return train_flops_per_image(model, cfg.model.mask_ratio)
 
     def export_timm(self, ckpt: dict, out: str) -> list[str]:
@@ -98,6 +98,7 @@ class Classify:
         self.optimizer_moments = 1 if name == "linprobe" else 2  # LARS momentum / AdamW's two
 
     def model(self, cfg: Config, num_classes: int | None) -> nn.Module:
+        from mae.classifier import create_classifier
         m = cfg.model
         return create_classifier(m.name, m.input_size, num_classes, self.name, m.drop_path, m.global_pool)
 
@@ -113,6 +114,7 @@ class Classify:
 
     def initial_weights(self, model: nn.Module, cfg: Config, read_checkpoint) -> str:
         """The encoder of `model.checkpoint` (read by `read_checkpoint(cfg)`), or random weights."""
+        from mae.classifier import load_pretrained
         if not cfg.model.checkpoint:
             return "random weights (no model.checkpoint)"
         fresh = load_pretrained(model, model_state(read_checkpoint(cfg)), self.name)
@@ -127,11 +129,15 @@ class Classify:
                              f"train.task): {one_line(e)[:500]}") from None
 
     def train_flops(self, model: nn.Module, cfg: Config) -> float:
+        from mae.flops import classifier_train_flops_per_image
         return classifier_train_flops_per_image(model, self.name)
 
     def export_timm(self, ckpt: dict, out: str) -> list[str]:
         """Write a classifier checkpoint as timm safetensors (a linear probe's BatchNorm folded
         into its head); the lines saying what, and how to load it."""
+        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+        from mae.classifier import create_classifier, timm_state
         m = ckpt["config"]["model"]
         state = model_state(ckpt)
         num_classes = state["head.1.weight" if self.name == "linprobe" else "head.weight"].shape[0]
@@ -182,6 +188,9 @@ class Objective:
     and the matching timm loss (soft-target, label-smoothing or plain cross-entropy)."""
 
     def __init__(self, cfg: Config, num_classes: int, device: torch.device):
+        from timm.data import Mixup
+        from timm.data.random_erasing import RandomErasing
+        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
         a = cfg.augment
         self.erase = RandomErasing(a.reprob, mode="pixel", max_count=1, num_splits=0, device=device) \
             if a.reprob > 0 else None
@@ -228,6 +237,7 @@ def evaluate(model: nn.Module, batches: Iterable[dict], device: torch.device, am
     """Top-1 / top-5 and cross-entropy of this worker's share of the validation stream (its
     evaluation view: resize + centre crop), summed over the `world` workers. Rows the
     stream flagged `skipped` (stand-ins for undecodable images) are not counted."""
+    from mae.transforms import normalize_on_device
     model.eval()
     counts = torch.zeros(4, dtype=torch.float64, device=device)
     for batch in batches:
