@@ -101,6 +101,18 @@ def run_on_workers(worker_group, fn, *args) -> list:
     return worker_group.execute(fn, *args)
 
 
+def refresh_autoscaling_view() -> None:
+    """Make the cluster's autoscaling coordinator read the cluster's nodes now (tests: a node
+    just added, for Ray Train's elastic resize check to see).
+
+    Ray Train and Ray Data, tested on 2.60.0. Ray Train's elastic policy counts the workers
+    that fit on the nodes the coordinator actor (named `AutoscalingCoordinator`) last read,
+    and it reads them every 20 s (`TICK_INTERVAL_S`): a node that joins is seen up to 20 s
+    late. Public stand-in: none; its `get_reserved_resources(recompute=True)` runs that read."""
+    coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+    ray.get(coordinator.get_reserved_resources.remote("mae-refresh", recompute=True))
+
+
 def launchable_node_types() -> list[dict] | None:
     """The worker node types the cluster's autoscaler can launch, each {"name", "resources",
     "max_count"} (max_count -1: no limit); None when no autoscaler is found.
