@@ -113,8 +113,10 @@ def test_reading_imports_no_ray_the_train_loop_no_data_module_and_the_driver_no_
     """(The driver builds no model: timm and torchvision cost each run's driver over a second of CPU.)"""
     probes = {"pipelines.data.reading": "ray", "pipelines.worker.loop": ("pipelines.data.reading", "pipelines.data.stream"),
               "pipelines.driver.launch": ("timm", "torchvision", "mae.model")}
-    for module, unwanted in probes.items():
-        probe = f"import sys, {module}; print([m for m in sys.modules if m.startswith({unwanted!r})])"
-        out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stderr[-2000:]
-        assert out.stdout.strip() == "[]", f"{module} imports {out.stdout.strip()}"
+    running = {module: subprocess.Popen(  # each in a fresh interpreter, all at once
+        [sys.executable, "-c", f"import sys, {module}; print([m for m in sys.modules if m.startswith({unwanted!r})])"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for module, unwanted in probes.items()}
+    for module, proc in running.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-2000:]
+        assert stdout.strip() == "[]", f"{module} imports {stdout.strip()}"
