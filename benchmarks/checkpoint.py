@@ -1,6 +1,6 @@
 """How long does a checkpoint stop training? Written and uploaded in the step vs ours.
 
-    python benchmarks/checkpoint.py [--model mae_vit_large_patch16 --checkpoints 2]
+    python benchmarks/checkpoint.py [--model mae_vit_large_patch16 --checkpoints 2] [--address RAY_ADDRESS]
 
 One Ray Train worker holds the state of a `--model` run: its weights and AdamW's two moments
 (about 4 GB for ViT-L). For each storage, a local folder and an S3-compatible server (moto,
@@ -17,6 +17,9 @@ The stall is the time the training thread spends in the checkpoint call. Between
 ours the worker keeps training (matrix products) until the upload is done, so that each
 stall is one checkpoint's, and the background time is reported too. Last line: JSON with,
 per storage, the mean stalls, `ratio` = (a)/(b), and the checkpoint's size.
+
+The worker runs on a Ray of its own (2 CPUs), or with `--address` on a running cluster on
+this machine (moto listens on 127.0.0.1; it takes any credentials, the cluster's included).
 """
 import argparse
 import json
@@ -118,12 +121,16 @@ def main() -> None:
     ap.add_argument("--checkpoints", type=int, default=2, help="checkpoints taken each way, per storage")
     ap.add_argument("--s3-model", default="mae_vit_base_patch16", help="the state checkpointed to S3 (see above)")
     ap.add_argument("--storage", choices=["local", "s3"], nargs="+", default=["local", "s3"])
+    ap.add_argument("--address", help="run on this running Ray cluster on this machine (default: a Ray of its own)")
     args = ap.parse_args()
     # moto takes any credentials; the Ray workers inherit these from this process
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
                       AWS_EC2_METADATA_DISABLED="true")
-    ray.init(address="local", num_cpus=2,  # a Ray of its own, even beside a running cluster
-             include_dashboard=False, log_to_driver=False)
+    if args.address:
+        ray.init(address=args.address, log_to_driver=False)
+    else:
+        ray.init(address="local", num_cpus=2,  # a Ray of its own, even beside a running cluster
+                 include_dashboard=False, log_to_driver=False)
     local = tempfile.mkdtemp(prefix="checkpoint-bench-")
     proc, endpoint = s3_server()
     try:

@@ -2,7 +2,7 @@
 
     python benchmarks/ingest.py --data DIR [--format imagefolder|webdataset|parquet]
         [--baseline-data IMAGEFOLDER] [--seconds 20] [--cpus N] [--s3-endpoint URL] [--epochs N]
-        [--recipe pretrain|finetune]
+        [--recipe pretrain|finetune] [--address RAY_ADDRESS]
 
 On the same machine, the same number of CPUs and in one process, it measures:
   (a) the baseline: `torch.utils.data.DataLoader` (num_workers = CPUs, shuffled, batch 64)
@@ -32,6 +32,9 @@ With `--s3-endpoint` our stream reads through a proxy on 127.0.0.1 that counts e
 (tests/s3_proxy.py), and the JSON has `requests_per_image`: the stream's requests (listing,
 reads, everything) over the images it gave, counted over the whole epochs (with `--epochs`,
 the warm-up one included) or else over the timed run, and `requests` by method.
+
+Our stream runs on a Ray of its own with `--cpus` CPUs, or with `--address` on a running
+cluster (its CPUs: give `--cpus` as many, for the baseline's workers).
 """
 import argparse
 import itertools
@@ -126,7 +129,8 @@ def baseline(root: str, cpus: int, seconds: float, batch: int, size: int, recipe
 
 
 def ours(data: str, fmt: str, cpus: int, seconds: float, batch: int, size: int, endpoint: str | None,
-         epochs: int = 0, recipe: str = "pretrain") -> tuple[float, tuple[float, float] | None, dict | None]:
+         epochs: int = 0, recipe: str = "pretrain",
+         address: str | None = None) -> tuple[float, tuple[float, float] | None, dict | None]:
     """(images/s, whole epochs' figures or None, requests per image and by method or None)."""
     import collections
 
@@ -135,9 +139,12 @@ def ours(data: str, fmt: str, cpus: int, seconds: float, batch: int, size: int, 
     from s3_proxy import S3Proxy
     proxy = S3Proxy(endpoint) if endpoint else None
 
-    ray.init(address="local", num_cpus=cpus,  # a Ray of its own, even beside a running cluster
-             include_dashboard=False, log_to_driver=False,
-             object_store_memory=min(2 * 2**30, 300 * 2**20 * cpus))
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(address="local", num_cpus=cpus,  # a Ray of its own, even beside a running cluster
+                 include_dashboard=False, log_to_driver=False,
+                 object_store_memory=min(2 * 2**30, 300 * 2**20 * cpus))
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         augment = PRETRAIN if recipe == "pretrain" else Augment((0.08, 1.0), RAND_AUGMENT)
@@ -197,6 +204,7 @@ def main():
     ap.add_argument("--recipe", choices=["pretrain", "finetune"], default="pretrain",
                     help="the training view both sides make: pretraining's crop + flip, or fine-tuning's with "
                          "RandAugment and random erasing")
+    ap.add_argument("--address", help="run our stream on this running Ray cluster (default: a Ray of its own)")
     args = ap.parse_args()
     base_root = args.baseline_data or args.data
     if args.format != "imagefolder" and not args.baseline_data:
@@ -206,7 +214,7 @@ def main():
     base = baseline(base_root, args.cpus, args.seconds, args.batch, args.input_size, args.recipe)
     print(f"(a) DataLoader, {args.cpus} workers, {args.recipe} PIL transforms ({base_root}): {base:8.1f} images/s")
     mine, epochs, requests = ours(args.data, args.format, args.cpus, args.seconds, args.batch, args.input_size,
-                                  args.s3_endpoint, args.epochs, args.recipe)
+                                  args.s3_endpoint, args.epochs, args.recipe, args.address)
     print(f"(b) Ray Data stream, {args.cpus} CPUs ({args.format}, {args.data}):     {mine:8.1f} images/s"
           f" ({'crop-region' if REGION_DECODE else 'whole-image'} JPEG decoding)")
     result = {"recipe": args.recipe, "baseline_images_per_sec": base, "ours_images_per_sec": mine,

@@ -30,6 +30,14 @@ os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
 # the dashboard's node view and metrics, which no test reads: a minute here. (The clusters the
 # suite starts run ~400 worker processes; the agents were ~3% of the suite's CPU.)
 os.environ["REPORTER_UPDATE_INTERVAL_MS"] = "60000"
+# Each node's log monitor lists its log folder every 0.1 s while it holds under 1,000 files,
+# then every 0.5 s (Ray's back-off): every 0.5 s here (~3% of the suite's CPU). A new
+# worker's file is found up to 0.5 s later and read from its start: no line is lost.
+os.environ["RAY_LOG_MONITOR_MANY_FILES_THRESHOLD"] = "0"
+# Ray Train starts a PreemptionWatcher actor (a process) with each worker group to poll for
+# nodes being drained; no test drains a node (they are killed), and the suite starts ~60
+# worker groups.
+os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
 SDAA_UNITS = 2  # the shared cluster advertises a custom `sdaa` resource, as SDAA nodes do
 
 

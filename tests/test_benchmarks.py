@@ -1,6 +1,5 @@
 """The benchmark scripts run and print their JSON line (figures are not asserted here)."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,8 @@ def test_train_step_benchmark_prints_ratio_and_flops():
 
 
 @pytest.mark.slow
-def test_ingest_benchmark_prints_both_rates_the_cost_of_epoch_boundaries_and_requests_per_image(digits, s3_server):
+def test_ingest_benchmark_prints_both_rates_the_cost_of_epoch_boundaries_and_requests_per_image(ray_cluster, digits,
+                                                                                                 s3_server):
     """Ours (WebDataset shards on the S3 server, through the benchmark's counting proxy)
     against the DataLoader baseline (the ImageFolder they came from), then whole epochs
     against the steady rate; with the fine-tuning view (RandAugment on both sides, random
@@ -28,11 +28,11 @@ def test_ingest_benchmark_prints_both_rates_the_cost_of_epoch_boundaries_and_req
     the epochs the stream makes at most one request per 50 images."""
     from pipelines.prepare_shards import convert
     convert(str(digits), "s3://runs/ingest-bench", "webdataset", shard_size=256 * 2**10, s3_endpoint=s3_server)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the benchmark starts its own Ray
     out = subprocess.run([sys.executable, "benchmarks/ingest.py", "--data", "s3://runs/ingest-bench", "--format",
                           "webdataset", "--baseline-data", str(digits), "--s3-endpoint", s3_server, "--cpus", "2",
                           "--seconds", "2", "--epochs", "2", "--batch", "32", "--input-size", "32",
-                          "--recipe", "finetune"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                          "--recipe", "finetune", "--address", ray_cluster[0]],  # the suite's cluster: 2 CPUs
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["recipe"] == "finetune"
@@ -45,11 +45,10 @@ def test_ingest_benchmark_prints_both_rates_the_cost_of_epoch_boundaries_and_req
 
 
 @pytest.mark.slow
-def test_checkpoint_benchmark_measures_both_ways_on_local_disk_and_s3():
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the benchmark starts its own Ray
+def test_checkpoint_benchmark_measures_both_ways_on_local_disk_and_s3(ray_cluster):
     out = subprocess.run([sys.executable, "benchmarks/checkpoint.py", "--model", "mae_vit_tiny_patch4",
-                          "--s3-model", "mae_vit_tiny_patch4", "--checkpoints", "1"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
+                          "--s3-model", "mae_vit_tiny_patch4", "--checkpoints", "1", "--address", ray_cluster[0]],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     for where in ("local", "s3"):

@@ -28,10 +28,11 @@ BATCH, EFFECTIVE = 16, 96  # 3 workers x accum 2, or 2 workers x accum 3
 STEPS = 1438 // EFFECTIVE  # optimizer steps per epoch of the demo digits, at every worker count: 14
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def cluster():
-    """A head node (the drivers, Ray Train's controller, decoding) and three training nodes;
-    tests add and remove nodes. Separate from the shared single-node cluster."""
+    """A head node (the drivers, Ray Train's controller, decoding) and three training nodes,
+    for this module's two runs; tests add and remove nodes, leaving three training nodes
+    alive. Separate from the shared single-node cluster."""
     from ray.cluster_utils import Cluster
     # A killed node is found dead after 3 failed health checks 0.5 s apart (Ray's default: 5
     # checks 3 s apart, 15 s). The checks' own timeout stays Ray's 10 s: a busy node is not dead.

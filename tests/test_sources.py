@@ -558,7 +558,7 @@ def test_the_skip_ledger_survives_its_process_a_lost_count_costs_a_warning(ray_c
             batches = streams.epoch(e, 0, e + 1)
             next(batches)
             if e == 0:  # a real kill of the actor's process; Ray restarts it
-                ray_client.kill(counter, no_restart=False)
+                ray_client.kill(counter.actor, no_restart=False)
             for _ in batches:
                 pass
             t0 = time.monotonic()

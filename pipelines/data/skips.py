@@ -25,7 +25,7 @@ the lane's key; the execution starts only once every consumer has asked for it
 written. Each plan gets a new generation: what the read tasks of an earlier attempt of the
 same epoch (a restarted worker group) still send is not counted.
 
-If the ledger's process dies, Ray restarts it empty (cluster/actors.py): the counts of the
+If the job actor's process dies, Ray restarts it empty (cluster/actors.py): the counts of the
 epochs open at that moment are lost, and `epoch_counts` says so in one warning and reports
 them as 0; the next plans are counted as before. Generations start at a random offset in
 each incarnation, so a late report to an earlier incarnation's generation is never counted.
@@ -42,7 +42,6 @@ logger = logging.getLogger(__name__)
 COUNTS = ("skipped", "decoded", "decode_seconds")
 
 
-@ray.remote(num_cpus=0)
 class SkipCounter:
     def __init__(self):
         self.plans: dict[str, tuple] = {}  # lane -> (epoch, first micro-batch, generation, trained runs)
@@ -143,4 +142,4 @@ def epoch_counts(counter, stream: str, epoch: int, timeout: float = 60.0) -> dic
 
 def skip_counter():
     """This Ray job's ledger (created by the first caller: the driver, in `image_stream`)."""
-    return job_actor(SkipCounter, "mae-skipped-images")
+    return job_actor(SkipCounter)

@@ -3,10 +3,10 @@
 By default (`run.verbose=false`) the driver does not forward the output of Ray's worker
 processes (`ray.init(log_to_driver=False)`): Ray's own chatter (core worker errors about
 optional features, Ray Data's execution plans, Ray Train's per-report dumps) stays in Ray's
-log files under the session's `logs/`. What concerns the user travels instead through one
-actor per Ray job: rank 0's progress and epoch lines, and the warnings and errors of this
-project's code on any worker or decode task (a skipped image, a lost shard, a retry), each
-tagged with where it happened; the driver prints them as they come. `run.verbose=true` (or
+log files under the session's `logs/`. What concerns the user travels instead through the
+Ray job's actor (cluster/actors.py): rank 0's progress and epoch lines, and the warnings and
+errors of this project's code on any worker or decode task (a skipped image, a lost shard, a
+retry), each tagged with where it happened; the driver prints them as they come. `run.verbose=true` (or
 `--verbose`) forwards everything, as Ray does by default.
 """
 import logging
@@ -19,7 +19,6 @@ from cluster.actors import job_actor
 OUR_LOGGERS = ("mae", "pipelines", "cluster")  # "mae.train" and the modules' __name__ loggers
 
 
-@ray.remote(num_cpus=0)
 class ConsoleLines:
     def __init__(self):
         self.lines: list[str] = []
@@ -34,7 +33,7 @@ class ConsoleLines:
 
 def console_lines():
     """This Ray job's console actor."""
-    return job_actor(ConsoleLines, "mae-console")
+    return job_actor(ConsoleLines)
 
 
 class ForwardToDriver(logging.Handler):
