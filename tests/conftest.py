@@ -282,8 +282,8 @@ def mlflow_view(server: str, run_dir) -> dict:
 # share a session fixture stay together, and the modules are split in two halves of about
 # equal time, from the suite's own --durations (README); the rest go where a worker is free.
 HALF_A = ("test_multinode", "test_cluster_e2e", "test_console", "test_evaluate", "test_hf", "test_cluster")
-HALF_B = ("test_pretrain_e2e", "test_finetune_e2e", "test_hostile", "test_sources",
-          "test_benchmarks")  # test_pretrain_e2e and test_finetune_e2e share pretrained_run
+HALF_B = ("test_pretrain_e2e", "test_finetune_e2e", "test_hostile", "test_sources", "test_benchmarks",
+          "test_tracking")  # the first two share pretrained_run; it and test_tracking, the MLflow server
 GROUPS = {**dict.fromkeys(HALF_A, "half-a"), **dict.fromkeys(HALF_B, "half-b")}
 
 

@@ -22,8 +22,12 @@ MB = 2**20
 # replacement node's CPU as soon as it came up, and the elastic grow, which needs a whole
 # worker's resources free on a node, waited for a gap between them (the run ended first:
 # the elastic test failed on one clean run of three).
-TRAIN_NODE = {"num_cpus": 0, "resources": {"sdaa": 1}, "object_store_memory": 120 * MB}
-DECODE_NODE = {"num_cpus": 1, "object_store_memory": 120 * MB}  # no sdaa: only Ray Data runs there
+# No log monitor on any node (each lists its node's log folder twice a second): the drivers
+# here print only the run's own lines (pipelines/output/console.py), which travel through the
+# job's actor, not through Ray's log streaming.
+QUIET = {"include_log_monitor": False}
+TRAIN_NODE = {"num_cpus": 0, "resources": {"sdaa": 1}, "object_store_memory": 120 * MB, **QUIET}
+DECODE_NODE = {"num_cpus": 1, "object_store_memory": 120 * MB, **QUIET}  # no sdaa: only Ray Data runs there
 BATCH, EFFECTIVE = 16, 96  # 3 workers x accum 2, or 2 workers x accum 3
 STEPS = 1438 // EFFECTIVE  # optimizer steps per epoch of the demo digits, at every worker count: 14
 
@@ -38,7 +42,7 @@ def cluster():
     # checks 3 s apart, 15 s). The checks' own timeout stays Ray's 10 s: a busy node is not dead.
     health = {"health_check_initial_delay_ms": 1000, "health_check_period_ms": 500, "health_check_failure_threshold": 3}
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 150 * MB,
-                                                      "_system_config": health})
+                                                      "_system_config": health, **QUIET})
     for _ in range(3):
         c.add_node(**TRAIN_NODE)
     c.wait_for_nodes()
@@ -74,8 +78,12 @@ def start(cluster, digits, run: S3Run, *overrides):
            "scaling.accelerator=sdaa", "scaling.device_type=cpu", "scaling.cpus_per_worker=0",
            f"train.batch_size={BATCH}", f"train.effective_batch={EFFECTIVE}", "train.checkpoint_every_steps=5",
            "run.max_failures=2", *run.overrides, *overrides]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "RAY_ADDRESS": cluster.address})
+    # A restart after a node's loss first asks for the size of the cluster as Ray Train last
+    # read it (every 20 s: `refresh_autoscaling_view`), the dead node included, and waits for a
+    # placement group of that size for RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (Ray's 60 s) before
+    # it asks again (retries of a start are not counted as failures): 10 s here.
+    env = {**os.environ, "RAY_ADDRESS": cluster.address, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines = []
     threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
     return proc, lines
@@ -118,6 +126,13 @@ refresh_autoscaling_view()
 """
 
 
+def refresh(cluster) -> None:
+    """Ray Train's view of the cluster's nodes read now, from a driver of its own."""
+    done = subprocess.run([sys.executable, "-c", REFRESH, cluster.address], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_elastic_run_shrinks_when_a_training_node_dies_and_grows_when_one_comes_back(cluster, s3_server, digits):
     run = S3Run(s3_server, "elastic")
     # The grow must come before the run ends: after the shrunk group starts, the replacement
@@ -131,14 +146,13 @@ def test_elastic_run_shrinks_when_a_training_node_dies_and_grows_when_one_comes_
     assert len(first["workers"]) == 3 and len({w["node_id"] for w in first["workers"]}) == 3
     saved = run.registered()[-1]
     cluster.remove_node(node_of(cluster, first["workers"][1]["node_id"]), allow_graceful=False)  # mid-epoch
+    refresh(cluster)  # the restart asks for the two nodes left at once (see `start`)
     waiting(proc, lines, lambda: len(run.jsonl("attempts.jsonl")) >= 2, 300, "the restart on the two nodes left")
     replacement = cluster.add_node(**TRAIN_NODE)  # a replacement comes up
     # Ray Train reads the cluster's nodes every 20 s (cluster/ray_compat.py: `refresh_autoscaling_view`):
     # left to that, the grow came after the rest of the run had ended, on one clean run of the
     # suite in four. Read now, it comes at the next resize check.
-    refresh = subprocess.run([sys.executable, "-c", REFRESH, cluster.address], cwd=ROOT, capture_output=True,
-                             text=True, timeout=120)
-    assert refresh.returncode == 0, refresh.stderr[-2000:]
+    refresh(cluster)
     waiting(proc, lines, lambda: len(run.jsonl("attempts.jsonl")) >= 3, 300, "the group to grow")
     finish(proc, lines)
 
