@@ -103,7 +103,7 @@ def run_on_workers(worker_group, fn, *args) -> list:
 
 def refresh_autoscaling_view() -> None:
     """Make the cluster's autoscaling coordinator read the cluster's nodes now (tests: a node
-    just added, for Ray Train's elastic resize check to see).
+    just added or lost, for Ray Train's elastic resize check or restart to see).
 
     Ray Train and Ray Data, tested on 2.60.0. Ray Train's elastic policy counts the workers
     that fit on the nodes the coordinator actor (named `AutoscalingCoordinator`) last read,

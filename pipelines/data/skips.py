@@ -10,7 +10,7 @@ ledger adds what a tar lacks to the epoch's skips (with a warning naming it).
 
 Rows cannot carry the count: the last partial batch of an epoch is dropped, an equal split
 drops rows, and a lost shard yields no rows at all. So each read task sends its count, under
-its epoch's plan and its own index, to one ledger actor per Ray job as it ends, without
+its epoch's plan and its own index, to the Ray job's ledger (cluster/actors.py) as it ends, without
 waiting for it (a read task blocked on `ray.get` frees its CPU: Ray then starts another
 worker process for a queued task and, once it idles, kills one; that churn stalled the
 stream for seconds). Rank 0 takes an epoch's count when the epoch's iterator is exhausted,

@@ -6,8 +6,8 @@ optional features, Ray Data's execution plans, Ray Train's per-report dumps) sta
 log files under the session's `logs/`. What concerns the user travels instead through the
 Ray job's actor (cluster/actors.py): rank 0's progress and epoch lines, and the warnings and
 errors of this project's code on any worker or decode task (a skipped image, a lost shard, a
-retry), each tagged with where it happened; the driver prints them as they come. `run.verbose=true` (or
-`--verbose`) forwards everything, as Ray does by default.
+retry), each tagged with where it happened; the driver prints them as they come.
+`run.verbose=true` (or `--verbose`) forwards everything, as Ray does by default.
 """
 import logging
 import threading
@@ -32,7 +32,7 @@ class ConsoleLines:
 
 
 def console_lines():
-    """This Ray job's console actor."""
+    """This Ray job's console lines (a part of its actor: cluster/actors.py)."""
     return job_actor(ConsoleLines)
 
 
@@ -70,7 +70,7 @@ def forward_to_driver(where: str, everything: bool = False) -> None:
 
 
 def flush_to_driver() -> None:
-    """Wait until the lines this process forwarded have reached the console actor (before a
+    """Wait until the lines this process forwarded have reached the job's actor (before a
     worker returns, so that its last lines are printed before the driver's summary)."""
     for handler in _forwarding.values():
         if handler.last is not None:
