@@ -379,6 +379,21 @@ def eval_view(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
     return eval_resize_crop(decode_rgb(data, max_pixels, max_bytes), size)
 
 
+def decodable(blobs, n: int) -> list[bytes]:
+    """`n` of the encoded images `blobs`, evenly spaced over those that decode (`eval_view`):
+    the figures' held-out images, picked where they are decoded from the candidates the
+    driver read (pipelines/data/reading.py: `Source.held_out`)."""
+    ok = []
+    for data in blobs:
+        try:
+            eval_view(data, 32)
+            ok.append(data)
+        except ValueError:
+            pass
+    k = min(n, len(ok))
+    return [ok[i * len(ok) // k] for i in range(k)]
+
+
 def eval_crops(blobs, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
                max_bytes: int = DEFAULT_MAX_BYTES) -> torch.Tensor:
     """`eval_view` of each of a list of encoded images -> uint8 [N, size, size, 3]."""

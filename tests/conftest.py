@@ -151,7 +151,10 @@ def mlflow_server(tmp_path_factory):
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                              "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
                              "--artifacts-destination", str(folder / "artifacts"), "--workers", "1"],
-                            stdout=log, stderr=subprocess.STDOUT)
+                            stdout=log, stderr=subprocess.STDOUT,
+                            # no job runner: MLflow's server jobs (eight huey processes, ~16 CPU-s
+                            # at start, left behind by the server's terminate) serve no test
+                            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:

@@ -109,13 +109,21 @@ def test_private_ray_apis_only_in_ray_compat():
     assert not offenders
 
 
-def test_reading_imports_no_ray_the_train_loop_no_data_module_and_the_driver_no_model_code():
-    """(The driver builds no model: timm and torchvision cost each run's driver over a second of CPU.)"""
-    probes = {"pipelines.data.reading": "ray", "pipelines.worker.loop": ("pipelines.data.reading", "pipelines.data.stream"),
-              "pipelines.driver.launch": ("timm", "torchvision", "mae.model")}
+def test_reading_imports_no_ray_the_train_loop_no_data_module_and_the_driver_no_model_code(digits):
+    """(The driver builds no model and decodes no image: timm and torchvision cost each run's
+    driver ~2 s of CPU. Its probe also does what the driver does with the config and the
+    data before the run: the decoders' view of the config, the figures' held-out images.)"""
+    driver = (f"from pipelines.common.config import load_config; from pipelines.data.reading import open_source; "
+              f"load_config('configs/debug.yaml', ['data.path={digits}']).augment.view; "
+              f"assert len(open_source('imagefolder', '{digits}').held_out(8)) == 32")
+    probes = {"pipelines.data.reading": ("ray", "pass"),
+              "pipelines.worker.loop": (("pipelines.data.reading", "pipelines.data.stream"), "pass"),
+              "pipelines.driver.launch": (("timm", "torchvision", "mae.model", "mae.transforms"), driver)}
     running = {module: subprocess.Popen(  # each in a fresh interpreter, all at once
-        [sys.executable, "-c", f"import sys, {module}; print([m for m in sys.modules if m.startswith({unwanted!r})])"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for module, unwanted in probes.items()}
+        [sys.executable, "-c", f"import sys, {module}; {then}; "
+                               f"print([m for m in sys.modules if m.startswith({unwanted!r})])"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for module, (unwanted, then) in probes.items()}
     for module, proc in running.items():
         stdout, stderr = proc.communicate(timeout=300)
         assert proc.returncode == 0, stderr[-2000:]

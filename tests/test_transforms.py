@@ -10,7 +10,7 @@ import torch
 from PIL import Image, ImageFilter
 from torchvision.transforms import Normalize, ToTensor
 
-from mae.transforms import (REGION_DECODE, _jpeg_region, decode_crop_batch, decode_rgb, eval_resize_crop,
+from mae.transforms import (REGION_DECODE, _jpeg_region, decodable, decode_crop_batch, decode_rgb, eval_resize_crop,
                             eval_short_side, jpeg_crop_flip, normalize_on_device, random_crop_flip,
                             random_resized_crop_params)
 
@@ -70,6 +70,14 @@ def test_png_saved_as_jpeg_decodes():
 def test_undecodable_bytes_raise_value_error(data):
     with pytest.raises(ValueError, match="not a decodable image"):
         decode_rgb(data)
+
+
+def test_held_out_images_are_picked_from_those_that_decode_evenly_spaced():
+    """The figures' images, from the driver's undecoded candidates (Source.held_out)."""
+    good = [_encode(_photo().rotate(k)) for k in range(6)]
+    candidates = [b"junk", good[0], good[1], b"", good[2], good[3], good[4][:200], good[4], good[5]]
+    assert decodable(candidates, 3) == [good[0], good[2], good[4]]
+    assert decodable(candidates, 10) == good and decodable([b"junk"], 8) == []
 
 
 def test_crop_params_within_bounds_and_scale():

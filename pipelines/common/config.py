@@ -169,8 +169,8 @@ class AugmentConfig:
 
     @property
     def view(self):
-        """The decoders' part of it, as `mae.transforms.Augment`."""
-        from mae.transforms import Augment
+        """The decoders' part of it, as `mae.view.Augment` (no pixel code: the driver calls this)."""
+        from mae.view import Augment
         return Augment((self.min_scale, 1.0), self.rand_augment)
 
 

@@ -197,7 +197,8 @@ def list_shards(fs: pafs.FileSystem, path: str, fmt: str) -> list[str]:
 def evenly_spaced(items, n: int) -> list:
     """At most `n` items spread over the whole sequence (so a sorted listing shows several classes)."""
     items = list(items)
-    return [items[i * len(items) // n] for i in range(min(n, len(items)))]
+    k = min(n, len(items))
+    return [items[i * len(items) // k] for i in range(k)]
 
 
 # --------------------------------------------------------------------------------------
@@ -281,11 +282,12 @@ class Source:
         return self.num_images
 
     def held_out(self, n: int, window: int = 256) -> list[bytes]:
-        """Encoded bytes of `n` fixed decodable images for figures: from `val/` of an
-        imagefolder when it has one, else evenly spaced over the training images (for
+        """Encoded bytes of up to `4 n` fixed images to pick the figures' `n` from: from `val/`
+        of an imagefolder when it has one, else evenly spaced over the training images (for
         shards: over the first `window` images of the first shard, so that a 512 MB shard is
-        not read on the driver before training starts)."""
-        from mae.transforms import eval_view
+        not read on the driver before training starts). Not decoded here: the driver loads no
+        pixel code (torchvision: ~2 s of CPU at each run's start); where they are decoded,
+        `mae.transforms.decodable` keeps `n` that decode."""
         if self.format == "imagefolder":
             try:
                 paths = list_imagefolder(self.fs, self.root, "val").paths
@@ -293,24 +295,15 @@ class Source:
                 paths = list(self.files)
             picked = evenly_spaced(paths, min(len(paths), 4 * n))
             with ThreadPoolExecutor(16) as pool:  # one request each: in flight together
-                candidates = list(pool.map(lambda p: read_file(self.fs, p), picked))
+                return list(pool.map(lambda p: read_file(self.fs, p), picked))
+        if self.format == "parquet":
+            import pyarrow.parquet as pq
+            with self.fs.open_input_file(self.files[0]) as f:
+                first = next(pq.ParquetFile(f).iter_batches(batch_size=window, columns=["image"]), None)
+            blobs = first.column("image").field("bytes").to_pylist() if first is not None else []
         else:
-            if self.format == "parquet":
-                import pyarrow.parquet as pq
-                with self.fs.open_input_file(self.files[0]) as f:
-                    first = next(pq.ParquetFile(f).iter_batches(batch_size=window, columns=["image"]), None)
-                blobs = first.column("image").field("bytes").to_pylist() if first is not None else []
-            else:
-                blobs = [data for data, _, _ in itertools.islice(tar_samples(self.fs, self.files[0]), window)]
-            candidates = iter(evenly_spaced([b for b in blobs if b], 4 * n))
-
-        def decodes(data: bytes) -> bool:
-            try:
-                eval_view(data, 32)
-                return True
-            except ValueError:
-                return False
-        return evenly_spaced(list(filter(decodes, candidates)), n)
+            blobs = [data for data, _, _ in itertools.islice(tar_samples(self.fs, self.files[0]), window)]
+        return evenly_spaced([b for b in blobs if b], 4 * n)
 
 
 def count_here(fs: pafs.FileSystem, shards: list[str], fmt: str) -> list[int]:

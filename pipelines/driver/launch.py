@@ -35,6 +35,7 @@ from pipelines.data.stream import count_in_tasks, image_stream, training_stream
 from pipelines.driver.trainer import build_trainer
 from pipelines.output.console import Follow
 from pipelines.output.run_files import best_epoch, ended_by, read_jsonl
+from pipelines.worker.job import FIGURE_IMAGES
 from pipelines.worker.state import BEST
 from pipelines.worker.tasks import task_of
 
@@ -195,7 +196,7 @@ def fit(cfg: Config, source: Source, classes: Classes | None) -> ray.train.Resul
     val = None if classes is None else image_stream(classes.val, cfg.data, cfg.model.input_size, cfg.train.seed,
                                                     reserved_cpus=reserved, augment=None, console=quiet)
     with Follow() if quiet else contextlib.nullcontext():
-        held_out = source.held_out(8) if task_of(cfg).figures else []
+        held_out = source.held_out(FIGURE_IMAGES) if task_of(cfg).figures else []
         return build_trainer(cfg, stream, len(source), held_out, classes and classes.num_classes, val).fit()
 
 

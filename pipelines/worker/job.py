@@ -9,6 +9,7 @@ from pipelines.common.config import Config
 
 JOB = "job"  # its key in train_loop_config
 VAL = "val"  # the validation stream's dataset name in Ray Train (fine-tuning, linear probing)
+FIGURE_IMAGES = 8  # held-out images in each epoch's reconstructions (pretraining)
 
 
 @dataclass(frozen=True)
@@ -17,7 +18,7 @@ class WorkerJob:
     num_images: int  # training images per epoch, as listed by the driver
     storage: Storage  # the run directory
     stream: str  # the lanes' key in the skip ledger (pipelines/data/lanes.py)
-    held_out: list[bytes] = field(default_factory=list)  # encoded images for the reconstructions (pretraining)
+    held_out: list[bytes] = field(default_factory=list)  # encoded candidates for the reconstructions' images
     num_classes: int | None = None  # the classifier's classes (fine-tuning, linear probing)
     val: bool = False  # a validation stream is the dataset VAL
 

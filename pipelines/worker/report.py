@@ -13,7 +13,7 @@ from cluster.actors import run_fence
 from cluster.storage import Retry
 from mae.checkpoint import checkpoint_dir_name
 from mae.model import preset
-from mae.transforms import eval_crops, normalize_on_device
+from mae.transforms import decodable, eval_crops, normalize_on_device
 from mae.visualize import grid_png, reconstruct
 from pipelines.common.config import ModelConfig
 from pipelines.common.errors import FatalError
@@ -21,7 +21,7 @@ from pipelines.common.schedule import Schedule
 from pipelines.output.metrics import RunMetrics
 from pipelines.output.run_files import record_attempt
 from pipelines.worker.checkpointing import CheckpointWriter
-from pipelines.worker.job import Worker, WorkerJob
+from pipelines.worker.job import FIGURE_IMAGES, Worker, WorkerJob
 from pipelines.worker.state import State, run_record
 from pipelines.worker.tasks import task_of
 
@@ -77,6 +77,7 @@ class Figures:
     (none when the source had no decodable image to hold out)."""
 
     def __init__(self, held_out: list[bytes], model: ModelConfig, seed: int, device: torch.device):
+        held_out = decodable(held_out, FIGURE_IMAGES)  # of the driver's candidates
         self.images = normalize_on_device(eval_crops(held_out, model.input_size), device) if held_out else None
         num_patches = (model.input_size // preset(model.name)["patch_size"]) ** 2
         generator = torch.Generator().manual_seed(seed)
