@@ -293,7 +293,7 @@ class Source:
                 paths = list_imagefolder(self.fs, self.root, "val").paths
             except DataError:
                 paths = list(self.files)
-            picked = evenly_spaced(paths, min(len(paths), 4 * n))
+            picked = evenly_spaced(paths, 4 * n)
             with ThreadPoolExecutor(16) as pool:  # one request each: in flight together
                 return list(pool.map(lambda p: read_file(self.fs, p), picked))
         if self.format == "parquet":
