@@ -38,6 +38,14 @@ os.environ["RAY_LOG_MONITOR_MANY_FILES_THRESHOLD"] = "0"
 # nodes being drained; no test drains a node (they are killed), and the suite starts ~60
 # worker groups.
 os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
+# Ray's usage statistics off here too, as on the clusters the tests start (--disable-usage-stats):
+# with them on, each Ray Data execution in this process queried a Prometheus that is not there
+# from a background thread and logged the failure with its traceback. Python 3.11 formats a
+# traceback's carets with `ast.parse`, whose AST construction counts its recursion in state the
+# interpreter's threads share (CPython gh-106905, pytest-dev/pytest#10763): test_layout's
+# `ast.parse` of our modules, run at that moment, failed once with "SystemError: AST
+# constructor recursion depth mismatch".
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 SDAA_UNITS = 2  # the shared cluster advertises a custom `sdaa` resource, as SDAA nodes do
 
 
@@ -60,20 +68,36 @@ def _free_port() -> int:
 
 def stop_cluster(temp_dir: str, gcs_port: int | None = None) -> None:
     """Stop the Ray cluster this process started: kill its daemons (GCS, raylet, dashboard,
-    log monitor: each names the cluster's temp dir on its command line; its workers exit when
-    their raylet does) and its Ray client server (which names only the GCS address, hence
-    `gcs_port`; left alone it outlives the cluster). Never `ray stop --force`, which stops
-    every Ray on the machine, another suite's included."""
+    log monitor: each names the cluster's temp dir on its command line), its Ray client server
+    (which names only the GCS address, hence `gcs_port`; left alone it outlives the cluster)
+    and every process they started. Those rename themselves (`ray::DashboardAgent`,
+    `ray::RuntimeEnvAgent`, `ray::IDLE`, a detached `ray::_StatsActor`) and so name nothing:
+    left behind by a killed raylet, the agents spun for about a minute (~50 CPU-s each, while
+    the other pytest worker still ran tests). Never `ray stop --force`, which stops every Ray
+    on the machine, another suite's included."""
     import re
     import signal
     client_server = re.compile(rb"ray\.util\.client\.server\x00.*--address=[^\x00]*:%d\x00" % (gcs_port or -1), re.S)
+    parent, ours = {}, set()
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                parent[int(pid)] = int(f.read().rsplit(b")", 1)[1].split()[1])
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 cmdline = f.read()
-            if temp_dir.encode() in cmdline or client_server.search(cmdline):
-                os.kill(int(pid), signal.SIGKILL)
-        except (OSError, ProcessLookupError):
+        except (OSError, IndexError, ValueError):
+            continue
+        if temp_dir.encode() in cmdline or client_server.search(cmdline):
+            ours.add(int(pid))
+    grown = True
+    while grown:  # and their descendants
+        children = {pid for pid, ppid in parent.items() if ppid in ours} - ours
+        ours |= children
+        grown = bool(children)
+    for pid in ours:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
             pass
     shutil.rmtree(temp_dir, ignore_errors=True)
 
@@ -85,7 +109,6 @@ def ray_cluster():
     started by tests join the cluster."""
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     address, dashboard_port = f"127.0.0.1:{_free_port()}", _free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     # 2 CPUs, the machine's: with 4, each run on it started 3 decode processes (each importing
     # torch and torchvision: ~3.5 s of CPU) for 1,438 digits of 8x8 px
     # every port its own (a free one, or the OS's choice for workers): `make test` runs two
@@ -97,7 +120,7 @@ def ray_cluster():
                     f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={_free_port()}",
                     f"--dashboard-agent-listen-port={_free_port()}", "--min-worker-port=0", "--max-worker-port=0",
                     f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-                   check=True, env=env, capture_output=True)
+                   check=True, capture_output=True)
     os.environ["RAY_ADDRESS"] = address
     os.environ["MAE_TEST_RAY_TEMP_DIR"] = temp_dir  # its logs, for tests that read them
     try:
