@@ -18,6 +18,9 @@ from mae.recipe import lr_at
 
 pytestmark = pytest.mark.slow
 STEPS_PER_EPOCH = (1438 // 2) // 32  # debug.yaml on the demo digits: 22
+# the same 64 images per step from one worker (one worker's processes less to start), where what
+# a test asserts is the run's storage, not its workers
+ONE_WORKER = ("scaling.num_workers=1", "train.batch_size=64")
 
 
 def assert_each_epoch_and_step_once(run_dir, epochs):
@@ -122,7 +125,7 @@ def test_checkpoints_on_s3_kept_bounded_resumed_and_resumed_from(ray_cluster, s3
     proxy = S3Proxy(s3_server, throttle)
     s3 = ["run.storage_path=s3://runs/team", f"run.s3_endpoint={proxy.endpoint}", "run.name=s3run",
           f"data.path={digits}", "train.checkpoint_every_steps=10", "run.keep_checkpoints=2",
-          "optim.warmup_epochs=0.5", "run.tensorboard=true"]
+          "optim.warmup_epochs=0.5", "run.tensorboard=true", *ONE_WORKER]
     first = run_pretrain(*s3, "train.epochs=1")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     puts = [status for method, path, status in proxy.log if method == "PUT" and "step_000000020/checkpoint" in path]
@@ -141,7 +144,7 @@ def test_checkpoints_on_s3_kept_bounded_resumed_and_resumed_from(ray_cluster, s3
     # step, with the lr of its fractional epoch, and is the run that was never stopped (the same
     # losses, bit for bit), having decoded only the images of the epoch not trained yet
     fork = run_pretrain(f"data.path={digits}", f"run.storage_path={tmp_path}", "run.name=fork", "train.epochs=1",
-                        "optim.warmup_epochs=0.5", f"run.s3_endpoint={s3_server}",
+                        "optim.warmup_epochs=0.5", f"run.s3_endpoint={s3_server}", *ONE_WORKER,
                         "run.resume_from=s3://runs/team/s3run/checkpoint_epoch_0000_step_000000020/checkpoint.pth")
     assert fork.returncode == 0, fork.stdout[-3000:] + fork.stderr[-3000:]
     assert "from epoch 0, micro-batch 20 (step 20; run.resume_from=s3://" in fork.stdout + fork.stderr

@@ -30,7 +30,8 @@ def test_the_console_shows_the_run_and_its_warnings_not_rays_internals(ray_clust
     encoder_only = {k: v for k, v in state.items() if not k.startswith("decoder") and k != "mask_token"}
     torch.save({"model": encoder_only}, tmp_path / "mae_pretrain_vit_tiny.pth")
     result = run_pretrain(f"data.path={one_broken}", f"run.storage_path={tmp_path}", "run.name=quiet",
-                          "train.epochs=1", "optim.warmup_epochs=0.5",
+                          "train.epochs=1", "optim.warmup_epochs=0.5", "scaling.num_workers=1",
+                          "train.batch_size=64",  # one worker is enough to read its console: 22 steps still
                           f"run.resume_from={tmp_path / 'mae_pretrain_vit_tiny.pth'}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout + result.stderr
