@@ -14,8 +14,10 @@ from mae.checkpoint import checkpoint_dir_name, load_checkpoint
 from mae.export import encoder_state_for_timm
 
 pytestmark = pytest.mark.slow
-TINY = ["model.name=mae_vit_tiny_patch4", "model.input_size=16", "train.batch_size=32", "train.log_every_steps=5"]
-STEPS_PER_EPOCH = (1438 // 2) // 32  # the demo digits over 2 workers, batch 32: 22
+# one worker, the demo's 64 images per step (one worker's processes less to start in each run)
+TINY = ["model.name=mae_vit_tiny_patch4", "model.input_size=16", "train.batch_size=64", "train.log_every_steps=5",
+        "scaling.num_workers=1"]
+STEPS_PER_EPOCH = 1438 // 64  # the demo digits, 64 images per step: 22
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +110,9 @@ def test_export_of_the_best_checkpoint_gives_timms_vit_the_same_logits(finetuned
 def test_the_demos_fine_tune_from_a_pretrained_mae_beats_the_same_from_random_init(finetuned, digits, tmp_path):
     """make demo's claim at test size: configs/finetune_demo.yaml's recipe, 2 epochs, from the
     suite's 3-epoch pretraining run (the `finetuned` run's first submission) and from random
-    init; only model.checkpoint differs. Measured: 28.5% vs 15.6% best val top-1, best val loss
-    2.256 vs 2.283 (3 epochs, three pairs: 31.6, 27.4, 29.9% vs 21.5, 20.7, 20.4%; the demo: README)."""
+    init; only model.checkpoint differs. Measured: 24.0% vs 13.9% best val top-1, best val loss
+    2.252 vs 2.286 (one worker; with two: 28.5% vs 15.6%, 2.256 vs 2.283; 3 epochs, three pairs:
+    31.6, 27.4, 29.9% vs 21.5, 20.7, 20.4%; the demo: README)."""
     random_init = finetune(f"data.path={digits}", f"run.storage_path={tmp_path}", "run.name=random",
                            "optim.warmup_epochs=1", "model.checkpoint=null", "train.epochs=2",
                            "train.checkpoint_every_steps=15")
