@@ -26,6 +26,9 @@ class S3Proxy:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # each reply is two writes (headers, then body): with Nagle's algorithm on, the body
+            # waited for the client's delayed ACK, 40 ms a request on loopback
+            disable_nagle_algorithm = True
 
             def log_message(self, *args):
                 pass
