@@ -32,7 +32,8 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from mae.view import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, PRETRAIN, Augment  # noqa: F401 (this module's too)
+from mae.view import (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, PRETRAIN, Augment,  # noqa: F401 (this module's too)
+                      evenly_spaced)
 
 try:
     import mae_jpeg_region as _jpeg_region
@@ -390,8 +391,7 @@ def decodable(blobs, n: int) -> list[bytes]:
             ok.append(data)
         except ValueError:
             pass
-    k = min(n, len(ok))
-    return [ok[i * len(ok) // k] for i in range(k)]
+    return evenly_spaced(ok, n)
 
 
 def eval_crops(blobs, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,

@@ -1,7 +1,7 @@
-"""What a decoder makes of an image, as plain data: the training view's parameters and the
-decode budget. No torch here: Ray Data's planning processes (the split coordinators, the
-dataset manager) unpickle a stream that holds these, and need not load torch for it; the
-pixels are made in `mae.transforms`.
+"""What a decoder makes of an image, as plain data: the training view's parameters, the
+decode budget, and which images a figure shows (`evenly_spaced`). No torch here: Ray Data's
+planning processes (the split coordinators, the dataset manager) unpickle a stream that holds
+these, and need not load torch for it; the pixels are made in `mae.transforms`.
 """
 from dataclasses import dataclass
 
@@ -21,3 +21,10 @@ class Augment:
 
 
 PRETRAIN = Augment()  # the MAE paper's pretraining view
+
+
+def evenly_spaced(items, n: int) -> list:
+    """At most `n` items spread over the whole sequence (so a sorted listing shows several classes)."""
+    items = list(items)
+    k = min(n, len(items))
+    return [items[i * len(items) // k] for i in range(k)]

@@ -23,9 +23,10 @@ import torch
 
 from mae.checkpoint import model_from_checkpoint
 from mae.transforms import eval_crops, normalize_on_device
+from mae.view import evenly_spaced
 from mae.visualize import grid_png, reconstruct
 from pipelines.common.checkpoints import add_checkpoint_options, read_checkpoint
-from pipelines.data.reading import IMAGE_EXTENSIONS, evenly_spaced, list_images, read_file
+from pipelines.data.reading import IMAGE_EXTENSIONS, list_images, read_file
 
 
 def image_files(sources: list[str], limit: int) -> list[str]:

@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from cluster.storage import PERMANENT, Retry, Storage, open_storage, transient  # noqa: F401 (ours too)
+from mae.view import evenly_spaced
 from pipelines.common.errors import FatalError, one_line
 
 logger = logging.getLogger(__name__)
@@ -192,13 +193,6 @@ def list_shards(fs: pafs.FileSystem, path: str, fmt: str) -> list[str]:
     if not shards:
         raise DataError(f"data.path: no {ext} shards at {path} (data.format={fmt})")
     return shards
-
-
-def evenly_spaced(items, n: int) -> list:
-    """At most `n` items spread over the whole sequence (so a sorted listing shows several classes)."""
-    items = list(items)
-    k = min(n, len(items))
-    return [items[i * len(items) // k] for i in range(k)]
 
 
 # --------------------------------------------------------------------------------------
