@@ -34,7 +34,9 @@ def test_job_submit_on_sdaa_nodes_stop_resubmit_and_a_worker_killed(ray_cluster,
     (SIGKILL) after the resumed run's own first checkpoint: the run restarts its workers from
     the latest checkpoint (run.max_failures=1) and ends with every epoch and step once."""
     _, dashboard = ray_cluster
-    epochs = 12  # enough that the stop lands before the job could finish by itself
+    # enough that the stop lands before the job could finish by itself (it lands within an epoch
+    # or two of the first checkpoint), and that the resubmission trains an epoch after the kill
+    epochs = 8
     overrides = [f"data.path={digits}", f"run.storage_path={tmp_path}", "run.name=job", f"train.epochs={epochs}",
                  "scaling.accelerator=sdaa", "scaling.device_type=cpu", "run.max_failures=1"]
     submit = [RAY, "job", "submit", "--address", dashboard, "--working-dir", str(ROOT)]
