@@ -151,7 +151,7 @@ def ours(data: str, fmt: str, cpus: int, seconds: float, batch: int, size: int, 
         erase = RandomErasing(0.25, mode="pixel", max_count=1, num_splits=0, device="cpu") \
             if recipe == "finetune" else None
         d = DataConfig(path=data, format=fmt, s3_endpoint=proxy.endpoint if proxy else None)
-        lanes = training_stream(d.open(), d, size, seed=0, augment=augment)
+        lanes = training_stream(d.open(), d, size, seed=0, augment=augment, batch_size=batch)
         streams = EpochStreams(lanes.datasets, lanes.key, skip_counter(), plans=True, batch_size=batch,
                                drop_last=True, prefetch_batches=4,
                                dtypes=DTYPES)

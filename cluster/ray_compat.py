@@ -90,9 +90,17 @@ def policy_config(policy: BackpressurePolicy, key: str, default=None):
 
 
 def output_bytes_held(policy: BackpressurePolicy, op) -> int:
-    """Bytes of the operator's finished output not yet taken by its consumer, including
-    what downstream (the iterator's prefetch) holds (`policy._resource_manager`)."""
-    return policy._resource_manager.get_mem_op_outputs(op, include_ineligible_downstream=True)
+    """Bytes of the operator's finished output not yet taken by its consumer, and all that the
+    operators after it hold (queued, in their tasks, in their outputs: a re-blocking operator,
+    the split, the iterator's prefetch), from the executor's accounting (`policy._topology`,
+    `policy._resource_manager`)."""
+    manager, after = policy._resource_manager, False
+    held = manager.get_mem_op_outputs(op)
+    for other in policy._topology:
+        if after:
+            held += manager.get_op_usage(other).object_store_memory
+        after = after or other is op
+    return held
 
 
 def run_on_workers(worker_group, fn, *args) -> list:

@@ -519,6 +519,45 @@ def test_the_seed_alone_gives_an_epochs_order_and_crops_and_a_resumed_epoch_deco
         assert p == q and (not lit if p < 9 or 13 <= p < 21 else h == h0), p
 
 
+def test_each_steps_images_are_the_same_at_one_or_three_workers(ray_client, photos, tmp_path):
+    """The training stream cut into blocks of train.batch_size rows (B = 2 here, with decoded
+    batches of 5 and units of 7 files: neither a multiple), in the epoch's order, split as Ray
+    Train splits it for its workers: worker w's micro-batch i is the epoch's rows
+    [(i W + w) B, (i W + w + 1) B), so each optimizer step (12 images: 1 worker x accum 6, 3 x
+    accum 2) trains the same images at any worker count, in each format (ImageFolder's units
+    are cut at multiples of B; shards are re-cut across their units). (Two workers and one:
+    test_pretrain_e2e.py's resized resume.)"""
+    import threading
+
+    from pipelines.data.lanes import DTYPES, EpochStreams
+    from pipelines.data.skips import skip_counter
+    from pipelines.data.stream import training_stream
+    batch, step = 2, 12
+    for fmt in ("parquet", "webdataset"):
+        convert(str(photos), str(tmp_path / fmt), fmt, shard_size=400 * 2**10)  # several shards
+    data = DataConfig(decode_batch_size=5, read_files_per_task=7)
+    for fmt in ("imagefolder", "parquet", "webdataset"):
+        source = open_source(fmt, str(photos if fmt == "imagefolder" else tmp_path / fmt))
+        steps = {}
+        for workers in (1, 3):
+            lanes = training_stream(source, data, SIZE, seed=5, batch_size=batch)
+            splits, ledger, trained = lanes.datasets[0].streaming_split(workers, equal=True), skip_counter(), {}
+
+            def train(w):  # one worker's epoch 0; rank 0 plans it
+                streams = EpochStreams([splits[w], None], lanes.key, ledger, plans=w == 0, batch_size=batch,
+                                       drop_last=True, dtypes=DTYPES)
+                trained[w] = [b["position"].tolist() for b in streams.epoch(0)]
+            threads = [threading.Thread(target=train, args=(w,)) for w in range(workers)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            rows = [p for i in range(min(map(len, trained.values()))) for w in range(workers) for p in trained[w][i]]
+            steps[workers] = [sorted(rows[k:k + step]) for k in range(0, len(source) // step * step, step)]
+        assert len(steps[1]) == len(source) // step == 2, fmt
+        assert steps[1] == steps[3], fmt
+
+
 def test_a_cut_tar_read_in_byte_ranges_loses_only_its_rest_counted_exactly(ray_client, photos, tmp_path):
     """One tar (so split in byte ranges for the decoders), cut at 60% of its bytes, mid-member:
     every sample before the cut comes out once; the ledger counts the rest as skipped, exactly

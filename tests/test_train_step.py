@@ -8,7 +8,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from mae import create_model
 from mae.recipe import build_optimizer
-from pipelines.worker.step import StepConfig, micro_step, optimizer_step
+from pipelines.worker.step import StepConfig, masking_noise, micro_step, optimizer_step
 
 CPU = torch.device("cpu")
 
@@ -87,6 +87,20 @@ def test_accumulating_k_micro_batches_equals_one_step_on_k_times_the_batch(proce
     optimizer_step(sgd_acc, scaler)
     for p_big, p_acc in zip(big.parameters(), accum.module.parameters()):
         torch.testing.assert_close(p_acc, p_big, rtol=1e-5, atol=1e-7)
+
+
+def test_an_images_mask_follows_from_the_seed_the_epoch_and_its_position_alone():
+    """The masking noise of an image is the same whichever micro-batch (of whichever worker)
+    holds it, and new for another epoch or seed; its mask keeps the ratio's share of patches."""
+    a = masking_noise(0, 1, [5, 6, 7], 16)
+    assert torch.equal(masking_noise(0, 1, [7, 5], 16), a[[2, 0]])
+    assert not torch.equal(a[0], a[1])  # neighbouring positions: unrelated draws
+    for other in (masking_noise(0, 2, [5], 16), masking_noise(1, 1, [5], 16)):
+        assert not torch.equal(other[0], a[0])
+    assert a.shape == (3, 16) and bool(((a >= 0) & (a < 1)).all())
+    _, _, mask = _tiny()(_images(3).permute(0, 3, 1, 2).float() / 255, mask_ratio=0.75, noise=a)
+    assert mask.sum(1).tolist() == [12.0] * 3
+    assert torch.equal(mask[0], _tiny()(_images(1).permute(0, 3, 1, 2).float() / 255, 0.75, a[:1])[2][0])
 
 
 @pytest.mark.parametrize("num_images", [1797, 1437, 4096 * 3 + 17])

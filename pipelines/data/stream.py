@@ -3,7 +3,8 @@ Ray Data on the CPUs the training workers leave, as rows of uint8 HWC crops.
 
 The encoded bytes never cross the object store: each read task reads its unit (image files,
 a shard, or a run of a Parquet shard's row groups) and decodes + RandomResizedCrop + flips
-`decode_batch_size` images at a time into one block, in one Ray Data operator. Every
+`decode_batch_size` images at a time into one block, in one Ray Data operator (for training,
+blocks of exactly `train.batch_size` rows: `training_stream`). Every
 execution of the dataset (every epoch) reads the units in a new order and draws new crops.
 Training reads its epochs from two such datasets in turn (pipelines/data/lanes.py), so that the
 next epoch is decoding while this one ends: the decoders never wait on an epoch boundary.
@@ -75,14 +76,22 @@ def image_stream(source: Source, data: DataConfig, input_size: int, seed: int, r
 
 
 def training_stream(source: Source, data: DataConfig, input_size: int, seed: int, reserved_cpus: float = 0.0,
-                    console: bool = False, augment: Augment | None = PRETRAIN) -> Lanes:
+                    console: bool = False, augment: Augment | None = PRETRAIN, batch_size: int | None = None) -> Lanes:
     """The training stream of `source` as two lanes (pipelines/data/lanes.py): two datasets over one
     datasource. Each lane may hold `image_stream`'s default of crops decoded ahead (at most a
     third of the object store); `data.object_store_memory` bounds both together. Each lane's
     blocks leave in the order of its read units (Ray Data's `preserve_order`), so that the
     rows each training worker gets, and in which batch, follow from the seed alone: the
-    trainer keeps that order for its workers' splits (pipelines/driver/trainer.py)."""
-    return _lanes(source, data, View(input_size, seed, augment), reserved_cpus, console, 2, ordered=True)
+    trainer keeps that order for its workers' splits (pipelines/driver/trainer.py).
+
+    `batch_size` (train.batch_size): the decoded rows are re-cut into blocks of exactly that
+    many rows, in order (Ray Data's strict streaming repartition; only an epoch's last block
+    is shorter). The split deals equal blocks in turn, so worker w's micro-batch i is block
+    i x workers + w, and the images of optimizer step k are the epoch's rows [k x E, (k+1) x E)
+    (E: the effective batch) at any worker count: an elastic resize changes which worker
+    trains an image, not which step does."""
+    return _lanes(source, data, View(input_size, seed, augment), reserved_cpus, console, 2, ordered=True,
+                  rows_per_block=batch_size)
 
 
 @dataclass(frozen=True)
@@ -95,13 +104,13 @@ class View:
 
 
 def _lanes(source: Source, data: DataConfig, view: View, reserved_cpus: float, console: bool, lanes: int,
-           ordered: bool = False) -> Lanes:
+           ordered: bool = False, rows_per_block: int | None = None) -> Lanes:
     resources = ray.cluster_resources()
     concurrency = data.decode_concurrency
     if concurrency is None:
         concurrency = max(1, int((resources.get("CPU", 1) - reserved_cpus) // data.decode_cpus))
-    datasource = ImageDatasource(source, data, view, skip_counter(), console, concurrency)
-    block_bytes = data.decode_batch_size * view.size * view.size * 3
+    datasource = ImageDatasource(source, data, view, skip_counter(), console, concurrency, rows_per_block)
+    block_bytes = datasource.block_rows * view.size * view.size * 3
     if data.object_store_memory is not None:  # all lanes together
         ahead_bytes = data.object_store_memory // lanes
     else:  # each lane, while it is the one trained on, needs the whole default to keep its decoders busy
@@ -112,6 +121,11 @@ def _lanes(source: Source, data: DataConfig, view: View, reserved_cpus: float, c
     for lane in range(lanes):
         ds = ray.data.read_datasource(datasource.lane(lane), num_cpus=data.decode_cpus, concurrency=concurrency,
                                       override_num_blocks=num_tasks)  # blocks of batch_size, unsplit
+        if rows_per_block is not None and not datasource.aligned:
+            # shards: their read units hold any number of images, so the blocks are re-cut across
+            # them (one more operator: a Ray task per block that copies it, ~1 ms of CPU each at
+            # ImageNet's sizes). ImageFolder's units are cut at multiples of it: no copy.
+            ds = ds.repartition(target_num_rows_per_block=rows_per_block, strict=True)
         # each decoded batch leaves its task as a block of its own, at once: by default Ray Data
         # merges blocks up to 128 MB, and a tar shard's crops reached training in bursts
         ds.context.target_max_block_size = block_bytes
@@ -188,7 +202,7 @@ def decode_batch(blobs: list, labels: list, names: list, size: int, augment: Aug
 class DecodeAhead(ray_compat.BackpressurePolicy):
     """Ray Data backpressure for the decode operator, in place of Ray's policies: a new
     decode task is submitted only while fewer than twice the operator's `concurrency`
-    are in flight and the crops decoded ahead of the consumer (blocks queued or
+    are in flight and the crops decoded ahead of the consumer (blocks queued, re-blocked or
     prefetched, plus one block per task in flight) would stay within a byte budget.
 
     Ray's own policies (an adaptive concurrency cap and a per-operator object store budget,
@@ -202,13 +216,14 @@ class DecodeAhead(ray_compat.BackpressurePolicy):
         return "DecodeAhead"
 
     def can_add_input(self, op) -> bool:
-        if not ray_compat.is_map_operator(op):
+        cap = ray_compat.concurrency_cap(op) if ray_compat.is_map_operator(op) else None
+        if cap is None:  # not the decode operator (which has a `concurrency`): the re-blocking one passes blocks on
             return True
         # Up to 2 x concurrency tasks are submitted: Ray runs `concurrency` of them (their
         # CPUs) and starts a queued one the moment another ends, where waiting for Ray
         # Data's scheduling loop would leave a decoder idle until its next round.
-        running, cap = ray_compat.tasks_running(op), ray_compat.concurrency_cap(op)
-        if cap is not None and running >= 2 * cap:
+        running = ray_compat.tasks_running(op)
+        if running >= 2 * cap:
             return False
         budget, block_bytes = ray_compat.policy_config(self, self.CONFIG_KEY, (None, 0))
         if budget is None:
@@ -232,11 +247,21 @@ class IdleWait(ray_compat.ExecutionCallback):
 class ImageDatasource(ray.data.Datasource):
     """A source's images, read and decoded in the same Ray task (see `image_stream`)."""
 
-    def __init__(self, source: Source, data: DataConfig, view: View, counter, console: bool = False, decoders: int = 1):
+    def __init__(self, source: Source, data: DataConfig, view: View, counter, console: bool = False, decoders: int = 1,
+                 rows_per_block: int | None = None):
         self.source, self.counter, self.console = source, counter, console
         self.size, self.seed, self.augment = view.size, view.seed, view.augment
         self.key, self.lane_index = f"stream-{uuid.uuid4().hex[:12]}", 0  # its plans in the ledger: skips.py
         self.batch_size, self.files_per_task = data.decode_batch_size, data.read_files_per_task
+        # `rows_per_block`: every block (but the epoch's last) exactly that many rows. Where each
+        # read unit's images are known (ImageFolder: a run of the epoch's files) the units and
+        # the decoded batches are multiples of it, each batch leaving as blocks of that many
+        # rows (`aligned`); shards are re-cut by the stream (`_lanes`).
+        self.rows_per_block, self.aligned = rows_per_block, rows_per_block is not None and source.format == "imagefolder"
+        if self.aligned:
+            self.batch_size = max(rows_per_block, self.batch_size // rows_per_block * rows_per_block)
+            self.files_per_task = max(rows_per_block, self.files_per_task // rows_per_block * rows_per_block)
+        self.block_rows = rows_per_block if self.aligned else self.batch_size
         self.cpus = data.decode_cpus
         self.max_pixels, self.max_bytes = data.max_pixels, data.max_image_bytes
         self.retry = Retry(data.read_retries, data.retry_backoff_seconds)
@@ -269,6 +294,8 @@ class ImageDatasource(ray.data.Datasource):
         src, per_task = self.source, self.files_per_task
         if src.format == "imagefolder":
             per_task = max(1, min(per_task, -(-len(src.files) // self.target)))
+            if self.aligned:  # whole blocks: only the epoch's last unit ends in a shorter one
+                per_task = -(-per_task // self.rows_per_block) * self.rows_per_block
             order = rng.permutation(len(src.files))
             units = [[(src.files[i], int(src.labels[i])) for i in order[k:k + per_task]]
                      for k in range(0, len(order), per_task)]
@@ -302,7 +329,7 @@ class ImageDatasource(ray.data.Datasource):
         seeds, generation, trained = self._plan(data_context)
         reader = Reader(self.source.fs, self.source.format, self.size, self.augment, self.batch_size,
                         max(1, int(self.cpus)), self.counter, self.retry, self.max_pixels, self.max_bytes,
-                        self.console, seeds)
+                        self.console, seeds, self.rows_per_block if self.aligned else None)
         units = self.read_units(np.random.default_rng(seeds))
         if generation is not None:
             ranged = dict(zip(self.source.files, self.source.counts)) if self.sizes is not None else None
@@ -322,7 +349,7 @@ class ImageDatasource(ray.data.Datasource):
         execution reads, as its consumer planned it (skips.py), seeds its order and its
         images' views: (train.seed, epoch), so that a run is the same run whatever Ray's
         scheduling, and an epoch resumed with its trained runs is the same epoch; resumed
-        without them (at another worker count), the rest of the epoch is drawn anew. Unplanned
+        without them (a checkpoint that has none), the rest of the epoch is drawn anew. Unplanned
         (evaluation, a plain iteration), OS entropy. Ray calls get_read_tasks without a
         context only to plan (count the tasks)."""
         if data_context is None:  # counting the tasks: any order will do
@@ -400,7 +427,9 @@ def count_in_tasks(fs, shards: list[str], fmt: str) -> list[int]:
 @dataclass(frozen=True)
 class Reader:
     """A read task's work, pickled into each task: read its unit's samples and decode them
-    into blocks of `batch` crops, then report the task's counts to the ledger."""
+    into blocks of `batch` crops (`block_rows` given: `batch` is a multiple of it, and each
+    decoded batch leaves as blocks of exactly that many rows), then report the task's counts
+    to the ledger."""
     fs: object
     fmt: str
     size: int
@@ -413,6 +442,7 @@ class Reader:
     max_bytes: int
     console: bool
     seeds: tuple | None  # of the execution: each image's view is drawn from seeds + (its position,)
+    block_rows: int | None = None
 
     def __setstate__(self, state: dict) -> None:
         """Unpickled in the decode worker, before its task runs: the pixel code (torch,
@@ -444,24 +474,38 @@ class Reader:
             warn_whole_image_decode()
         counts = [0, 0, 0.0]  # skipped, decoded, seconds
         batch = self.batch
+        # a tail shorter than half a batch joins the task's last block, not a block of its own
+        # (with `block_rows`, no: every block is whole)
+        flush_at = batch if self.block_rows else batch + batch // 2
         try:
-            pending = []  # a tail shorter than half a batch joins the task's last block, not a block of its own
+            pending = []
             read = 0
             for read, sample in enumerate(self.samples(unit, n), start=1):
                 pending.append((*sample, first + read - 1))
-                if len(pending) == batch + batch // 2:
-                    if (full := self.block(pending[:batch], counts, trained)) is not None:
-                        yield full
+                if len(pending) == flush_at:
+                    yield from self.blocks(pending[:batch], counts, trained)
                     pending = pending[batch:]
-            last = self.block(pending, counts, trained) if pending else None
+            last = list(self.blocks(pending, counts, trained)) if pending else []
         except Exception as e:
             names = unit_files(self.fmt, unit)
             raise DataError(f"reading {names[0]}{' and more' if len(names) > 1 else ''}: "
                             f"{type(e).__name__}: {e}") from e
-        if last is not None:
-            yield last
+        yield from last
         if generation is not None:  # not waited for: skips.py
             self.counter.add.remote(*counts, generation, index, (unit[0], read) if byte_range(unit) else None)
+
+    def blocks(self, chunk: list, counts: list, trained: list | None = None):
+        """The decoded blocks of `chunk`: one, or `block_rows` rows each."""
+        from ray.data.block import BlockAccessor
+        block = self.block(chunk, counts, trained)
+        if block is None:
+            return
+        if not self.block_rows:
+            yield block
+            return
+        accessor = BlockAccessor.for_block(block)
+        for start in range(0, accessor.num_rows(), self.block_rows):
+            yield accessor.slice(start, min(start + self.block_rows, accessor.num_rows()), copy=True)
 
     def block(self, chunk: list, counts: list, trained: list | None = None):
         """The decoded block of `chunk` ((bytes, label, name, position) each), its counts

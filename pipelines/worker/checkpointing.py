@@ -21,8 +21,9 @@ def checkpoint_dict(state: State, record: dict) -> dict:
     """The reference's keys ({'model', 'optimizer', 'epoch', 'scaler', 'args'}; `epoch` the
     last completed one) plus ours: `step` (optimizer steps done), `position` (where to
     continue: the epoch and the images of it done, at any worker count; mid-epoch, the runs
-    of positions trained and the worker count, with which a resume at that count continues
-    the same epoch exactly) and the nested `config` (`record`: from `run_record`)."""
+    of positions trained, with which a resume continues the same epoch, each later step on
+    the images it had, and the worker count they were trained at) and the nested `config`
+    (`record`: from `run_record`)."""
     return {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
             "epoch": state.epoch - 1, "scaler": state.scaler.state_dict(), "args": record["args"],
             "step": state.step,

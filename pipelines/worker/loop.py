@@ -7,12 +7,14 @@ stream. Rank 0 writes the checkpoint and the run's files at each epoch end (and 
 `train.checkpoint_every_steps` steps); every rank reports to Ray Train.
 
 Every random draw of a run follows from `train.seed`: the stream's order and crops from
-(seed, epoch, the image's position: pipelines/data/stream.py), the masking noise, drop path,
-random erasing and Mixup of a micro-batch from (seed, epoch, micro-batch, rank). A run resumed
-from a mid-epoch checkpoint continues at the next micro-batch with the right lr; at the same
-worker count it is the same epoch (the images trained before are read, not decoded, and
-dropped here), so it goes on exactly as the run that was never stopped; at another count the
-rest of that epoch is drawn anew.
+(seed, epoch, the image's position: pipelines/data/stream.py), the MAE's masking noise of an
+image likewise (`masking_noise`), the drop path, random erasing and Mixup of a micro-batch
+from (seed, epoch, micro-batch, rank). The images of each optimizer step are the same at any
+worker count (the stream's blocks are micro-batches, dealt in turn). A run resumed from a
+mid-epoch checkpoint continues at the next micro-batch with the right lr, in the same epoch
+(the images trained before are read, not decoded, and dropped here): at the same worker count
+it goes on exactly as the run that was never stopped; at another (an elastic resize) each step
+trains the same images with the same masks, the gradients summed in another order.
 """
 import logging
 import math
@@ -50,6 +52,7 @@ from pipelines.worker.state import (
 from pipelines.worker.step import (
     AMP_DTYPES,
     StepConfig,
+    masking_noise,
     micro_step,
     optimizer_step,
     wrap_model,
@@ -162,8 +165,10 @@ def start(job: WorkerJob) -> tuple[Loop, State]:
     model = wrap_model(state.model, cfg.train.compile and accelerator.compiles, worker.world)
     size = cfg.model.input_size  # the CPU's batches are normalised into one tensor, reused
     inputs = torch.empty((cfg.train.batch_size, 3, size, size)) if worker.device.type == "cpu" else None
+    objective = task.objective(cfg, job.num_classes, worker.device)
+    patches = state.model.patch_embed.num_patches if objective is None else 0
     step = StepConfig(worker.device, cfg.model.mask_ratio, sched.accum_iter, AMP_DTYPES[cfg.train.precision],
-                      task.objective(cfg, job.num_classes, worker.device), inputs)
+                      objective, inputs, patches)
     reporter = Reporter.start(job, worker, state, sched, gather_objects(placement, worker.world), source)
     return Loop(job, worker, sched, step, model, reporter, Progress(sched, time.perf_counter(), state.step)), state
 
@@ -250,10 +255,12 @@ def train_one_epoch(loop: Loop, state: State, batches, epoch: int) -> EpochLog:
     loop.model.train()
     state.optimizer.zero_grad(set_to_none=True)
     positions = []  # of the images this worker trained on in this attempt of the epoch
+    seed = loop.job.cfg.train.seed
     for i, batch in enumerate(untrained(batches, state.trained), start=start):
         if i >= used_iters:
             continue  # the stream runs to its end, so that its skip count is complete
-        seed_micro_batch(loop.job.cfg.train.seed, epoch, i, worker.rank)
+        seed_micro_batch(seed, epoch, i, worker.rank)
+        noise = masking_noise(seed, epoch, batch["position"].numpy(), loop.step.patches) if loop.step.patches else None
         positions.append(batch["position"])
         j = i // accum - log.first
         if i % accum == 0:
@@ -263,7 +270,7 @@ def train_one_epoch(loop: Loop, state: State, batches, epoch: int) -> EpochLog:
             log.lrs.append(lr)
             log.epochs.append(sched.fraction(epoch, i))
         last_micro = (i + 1) % accum == 0
-        loss = micro_step(loop.model, batch["image"], loop.step, state.scaler, sync_grads=last_micro,
+        loss = micro_step(loop.model, batch["image"], loop.step, state.scaler, sync_grads=last_micro, noise=noise,
                           labels=batch["label"])
         log.losses[j] += loss.float() / accum
         step_rows += len(batch["image"])
@@ -290,9 +297,10 @@ def train_one_epoch(loop: Loop, state: State, batches, epoch: int) -> EpochLog:
 
 
 def seed_micro_batch(seed: int, epoch: int, iteration: int, rank: int) -> None:
-    """Seed every generator a micro-batch draws from (torch's on every device: masking noise,
-    drop path, random erasing; Python's and numpy's: Mixup / CutMix) from (train.seed, epoch,
-    micro-batch, rank): a resumed run draws what the uninterrupted one drew."""
+    """Seed every generator a micro-batch draws from (torch's on every device: drop path,
+    random erasing; Python's and numpy's: Mixup / CutMix) from (train.seed, epoch,
+    micro-batch, rank): a resumed run draws what the uninterrupted one drew. (The MAE's
+    masking noise is drawn per image: `masking_noise`.)"""
     a, b, c = np.random.SeedSequence([seed, epoch, iteration, rank]).generate_state(3).tolist()
     torch.manual_seed(a << 32 | b)
     random.seed(c)
@@ -301,8 +309,8 @@ def seed_micro_batch(seed: int, epoch: int, iteration: int, rank: int) -> None:
 
 def untrained(batches, trained: list | None):
     """The batches of an epoch without the rows of images trained before the resume (`trained`:
-    runs of positions; their rows are blank, never decoded). At the worker count the epoch was
-    saved at these are whole batches, the first ones of each worker's split."""
+    runs of positions; their rows are blank, never decoded). They are whole batches, the first
+    ones of each worker's split, at any worker count: the epoch's first micro-batches."""
     for batch in batches:
         if trained:
             done = torch.from_numpy(within(batch["position"].numpy(), trained))

@@ -115,11 +115,13 @@ def restore(state: State, ckpt: dict | None, steps_per_epoch: int, task: "Pretra
                              f"which is not a whole number of micro-batches of {state.micro_batch_images} images "
                              "at this worker count; resume it with train.effective_batch unchanged")
     if state.iteration and position.get("trained") is not None:
-        if position.get("workers") == state.workers:  # the same split of the same order: exactly where it left off
-            state.trained = position["trained"]
-        else:
-            logger.info("resumed mid-epoch at %d workers, saved at %s: the rest of epoch %d is drawn anew",
-                        state.workers, position.get("workers"), state.epoch)
+        # the same order, its trained rows a prefix of whole micro-batches at any worker count
+        # (pipelines/data/stream.py: `training_stream`): every later step trains the images it did
+        state.trained = position["trained"]
+        if position.get("workers") != state.workers:
+            logger.info("resumed mid-epoch at %d workers, saved at %s: each step from here on trains the images of "
+                        "the run saved (its losses agree to float noise: the gradients are summed in another order)",
+                        state.workers, position.get("workers"))
     state.step = ckpt.get("step", state.epoch * steps_per_epoch)
     state.best = ckpt.get("best")
 
