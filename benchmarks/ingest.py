@@ -2,7 +2,7 @@
 
     python benchmarks/ingest.py --data DIR [--format imagefolder|webdataset|parquet]
         [--baseline-data IMAGEFOLDER] [--seconds 20] [--cpus N] [--s3-endpoint URL] [--epochs N]
-        [--recipe pretrain|finetune] [--address RAY_ADDRESS]
+        [--recipe pretrain|finetune] [--address RAY_ADDRESS] [--elastic]
 
 On the same machine, the same number of CPUs and in one process, it measures:
   (a) the baseline: `torch.utils.data.DataLoader` (num_workers = CPUs, shuffled, batch 64)
@@ -32,6 +32,10 @@ With `--s3-endpoint` our stream reads through a proxy on 127.0.0.1 that counts e
 (tests/s3_proxy.py), and the JSON has `requests_per_image`: the stream's requests (listing,
 reads, everything) over the images it gave, counted over the whole epochs (with `--epochs`,
 the warm-up one included) or else over the timed run, and `requests` by method.
+
+With `--elastic`, (b) is an elastic run's stream (`scaling.min_workers` set): blocks of exactly
+`--batch` rows, so that each step's images are the same at any worker count (ImageFolder's
+read units cut at multiples of it; shards re-cut by one more Ray Data operator).
 
 Our stream runs on a Ray of its own with `--cpus` CPUs, or with `--address` on a running
 cluster (its CPUs: give `--cpus` as many, for the baseline's workers).
@@ -129,8 +133,8 @@ def baseline(root: str, cpus: int, seconds: float, batch: int, size: int, recipe
 
 
 def ours(data: str, fmt: str, cpus: int, seconds: float, batch: int, size: int, endpoint: str | None,
-         epochs: int = 0, recipe: str = "pretrain",
-         address: str | None = None) -> tuple[float, tuple[float, float] | None, dict | None]:
+         epochs: int = 0, recipe: str = "pretrain", address: str | None = None,
+         elastic: bool = False) -> tuple[float, tuple[float, float] | None, dict | None]:
     """(images/s, whole epochs' figures or None, requests per image and by method or None)."""
     import collections
 
@@ -151,7 +155,7 @@ def ours(data: str, fmt: str, cpus: int, seconds: float, batch: int, size: int, 
         erase = RandomErasing(0.25, mode="pixel", max_count=1, num_splits=0, device="cpu") \
             if recipe == "finetune" else None
         d = DataConfig(path=data, format=fmt, s3_endpoint=proxy.endpoint if proxy else None)
-        lanes = training_stream(d.open(), d, size, seed=0, augment=augment, batch_size=batch)
+        lanes = training_stream(d.open(), d, size, seed=0, augment=augment, batch_size=batch if elastic else None)
         streams = EpochStreams(lanes.datasets, lanes.key, skip_counter(), plans=True, batch_size=batch,
                                drop_last=True, prefetch_batches=4,
                                dtypes=DTYPES)
@@ -205,6 +209,9 @@ def main():
                     help="the training view both sides make: pretraining's crop + flip, or fine-tuning's with "
                          "RandAugment and random erasing")
     ap.add_argument("--address", help="run our stream on this running Ray cluster (default: a Ray of its own)")
+    ap.add_argument("--elastic", action="store_true",
+                    help="our stream as an elastic run's: blocks of exactly --batch rows (each step's images at any "
+                         "worker count)")
     args = ap.parse_args()
     base_root = args.baseline_data or args.data
     if args.format != "imagefolder" and not args.baseline_data:
@@ -214,11 +221,11 @@ def main():
     base = baseline(base_root, args.cpus, args.seconds, args.batch, args.input_size, args.recipe)
     print(f"(a) DataLoader, {args.cpus} workers, {args.recipe} PIL transforms ({base_root}): {base:8.1f} images/s")
     mine, epochs, requests = ours(args.data, args.format, args.cpus, args.seconds, args.batch, args.input_size,
-                                  args.s3_endpoint, args.epochs, args.recipe, args.address)
+                                  args.s3_endpoint, args.epochs, args.recipe, args.address, args.elastic)
     print(f"(b) Ray Data stream, {args.cpus} CPUs ({args.format}, {args.data}):     {mine:8.1f} images/s"
           f" ({'crop-region' if REGION_DECODE else 'whole-image'} JPEG decoding)")
-    result = {"recipe": args.recipe, "baseline_images_per_sec": base, "ours_images_per_sec": mine,
-              "ratio": mine / base}
+    result = {"recipe": args.recipe, "elastic": args.elastic, "baseline_images_per_sec": base,
+              "ours_images_per_sec": mine, "ratio": mine / base}
     if epochs:
         whole, steady = epochs
         print(f"(c) {args.epochs} whole epochs of (b): {whole:8.1f} images/s, boundaries included; "

@@ -90,15 +90,16 @@ def policy_config(policy: BackpressurePolicy, key: str, default=None):
 
 
 def output_bytes_held(policy: BackpressurePolicy, op) -> int:
-    """Bytes of the operator's finished output not yet taken by its consumer, and all that the
-    operators after it hold (queued, in their tasks, in their outputs: a re-blocking operator,
-    the split, the iterator's prefetch), from the executor's accounting (`policy._topology`,
-    `policy._resource_manager`)."""
+    """Bytes of the operator's finished output not yet taken by its consumer, including what
+    downstream (the iterator's prefetch) holds, and all that a map operator after it (the
+    re-cutting one of an elastic run's stream) holds: queued, in its tasks and in its output
+    (`policy._resource_manager`, `policy._topology`)."""
     manager, after = policy._resource_manager, False
-    held = manager.get_mem_op_outputs(op)
+    held = manager.get_mem_op_outputs(op, include_ineligible_downstream=True)
     for other in policy._topology:
-        if after:
-            held += manager.get_op_usage(other).object_store_memory
+        if after and is_map_operator(other):
+            held += manager.get_mem_op_internal(other) + manager.get_mem_op_outputs(other,
+                                                                                  include_ineligible_downstream=True)
         after = after or other is op
     return held
 

@@ -266,15 +266,19 @@ def wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+ELASTIC = ("scaling.min_workers=1",)  # the debug config's run as an elastic one (each step's images at any count)
+
+
 @pytest.fixture(scope="session")
 def pretrained_run(ray_cluster, digits, tmp_path_factory, mlflow_server):
-    """One pretraining run (configs/debug.yaml) of 2 epochs, tracked in MLflow, then its
-    resubmission extended to 3 epochs with TensorBoard on; what the first left (its files, its
-    MLflow run) is kept aside. test_pretrain_e2e.py asserts what it wrote; fine-tunes start
-    from it (test_finetune_e2e.py)."""
+    """One pretraining run (configs/debug.yaml, elastic: 1..2 workers, at 2 here) of 2 epochs,
+    tracked in MLflow, then its resubmission extended to 3 epochs with TensorBoard on; what the
+    first left (its files, its MLflow run) is kept aside. test_pretrain_e2e.py asserts what it
+    wrote (and resumes a run of its config at one worker); fine-tunes start from it
+    (test_finetune_e2e.py)."""
     storage = tmp_path_factory.mktemp("runs")
     common = [f"data.path={digits}", f"run.storage_path={storage}", "run.name=e2e",
-              f"run.mlflow_tracking_uri={mlflow_server}", "run.mlflow_experiment=mae-tests"]
+              f"run.mlflow_tracking_uri={mlflow_server}", "run.mlflow_experiment=mae-tests", *ELASTIC]
     first = run_pretrain(*common)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     first_metrics = read_jsonl(storage / "e2e" / "metrics.jsonl")

@@ -5,6 +5,7 @@ import re
 import pytest
 import torch
 
+from conftest import ELASTIC
 from conftest import checkpoint_dirs as checkpoints
 from conftest import mlflow_view
 from conftest import read_jsonl as jsonl
@@ -88,30 +89,32 @@ def test_resume_appends_exactly_one_epoch_with_restored_state(run):
 
 
 def test_the_same_seed_gives_the_same_run_and_a_resized_resume_the_same_steps(run, digits, tmp_path):
-    """A second run of the shared run's config (configs/debug.yaml: 2 workers, 2 epochs, CPU,
-    fp32), checkpointing every 10 steps, gives its per-step losses bit for bit; its mid-epoch
-    checkpoints record the positions of the epoch trained so far. Resumed from its step-30
-    checkpoint at another worker count (1 worker x accum 2: what an elastic restart after a
-    lost node does), each later step trains the same images with the same crops and masks:
+    """A second run of the shared run's config (configs/debug.yaml, elastic 1..2: 2 workers, 2
+    epochs, CPU, fp32), checkpointing every 10 steps, gives its per-step losses bit for bit; its
+    mid-epoch checkpoints record the positions of the epoch trained so far. Resumed from its
+    step-30 checkpoint at another worker count (1 worker x accum 2: what an elastic restart
+    after a lost node does), each later step trains the same images with the same crops and masks:
     its losses are the uninterrupted run's within float noise (the gradients of the step's
     two halves are summed in another order; with two halves on the CPU they come out equal).
-    (A resume at the same count giving the losses bit for bit: test_cluster_e2e.py's S3 test.)"""
+    (A resume at the same count giving the losses bit for bit: test_cluster_e2e.py's S3 test;
+    a run that is not elastic keeps its faster blocks, and draws the rest of an epoch anew
+    when resumed at another count.)"""
     again = pretrain(f"data.path={digits}", f"run.storage_path={tmp_path}", "run.name=again",
-                     "train.checkpoint_every_steps=10")
+                     "train.checkpoint_every_steps=10", *ELASTIC)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     steps = jsonl(tmp_path / "again" / "steps.jsonl")
     assert [s["loss"] for s in steps] == [s["loss"] for s in run["first_steps"]]  # ==: bit for bit
     mid = tmp_path / "again" / "checkpoint_epoch_0001_step_000000030" / "checkpoint.pth"
     position = load_checkpoint(mid)["position"]
-    assert position["workers"] == 2 and position["images"] == 8 * 64
+    assert position["workers"] == 2 and position["images"] == 8 * 64 and position["step_blocks"] == 32
     # runs of positions: the blocks of 32 the split dealt in turn to the two workers, 8 each
     assert position["trained"] == [[0, 8 * 64]]  # 8 steps of epoch 1, 64 images each: its first 512 images
 
     resized = pretrain(f"data.path={digits}", f"run.storage_path={tmp_path}", "run.name=resized",
-                       "scaling.num_workers=1", "train.accum_iter=2", f"run.resume_from={mid}")
+                       "scaling.num_workers=1", "train.accum_iter=2", f"run.resume_from={mid}", *ELASTIC)
     out = resized.stdout + resized.stderr
     assert resized.returncode == 0, out[-6000:]
-    assert "resumed mid-epoch at 1 workers, saved at 2" in out, out[-6000:]
+    assert "resumed mid-epoch at 1 workers, saved at 2: each step from here on trains the images" in out, out[-6000:]
     later = jsonl(tmp_path / "resized" / "steps.jsonl")
     assert [s["step"] for s in later] == list(range(31, 45))
     assert [s["lr"] for s in later] == [s["lr"] for s in steps[30:]]

@@ -226,7 +226,8 @@ class ScalingConfig:
     min_workers: int | None = None
     """Elastic: train with as many workers as the cluster can give between min_workers and
     num_workers, fewer when nodes go, more when they come back (Ray Train restarts the
-    worker group from the latest checkpoint at its new size). null: always num_workers."""
+    worker group from the latest checkpoint at its new size), each step on the same images at
+    every size (`Config.step_blocks`). null: always num_workers."""
     preflight: bool = True
     """Check before starting that the cluster (with the nodes its autoscaler can launch) can
     ever hold the workers (the minimum of an elastic range); false: skip it, with a warning."""
@@ -320,6 +321,13 @@ class Config:
         """Images per optimizer step, at every worker count."""
         t = self.train
         return t.effective_batch or t.batch_size * t.accum_iter * self.scaling.num_workers
+
+    @property
+    def step_blocks(self) -> int | None:
+        """Rows per block of the training stream where each step must train the same images at
+        every worker count (an elastic run: scaling.min_workers set): train.batch_size; else
+        None (blocks of data.decode_batch_size, which Ray Data streams faster: README)."""
+        return self.train.batch_size if self.scaling.min_workers is not None else None
 
     @property
     def worker_counts(self) -> range:

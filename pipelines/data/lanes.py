@@ -53,7 +53,7 @@ class EpochStreams:
               trained: list | None = None) -> Iterator[dict]:
         """Epoch `epoch`'s batches; once the first is out, epoch `following` starts ahead. A
         resumed epoch (from micro-batch `first_iteration`): with `trained`, the runs of
-        positions already trained (at any worker count), it is the same order, whose
+        positions already trained, it is the same order, whose
         trained images are read but not decoded (their rows are blank; the train loop drops
         them); without, the rest of the epoch is drawn anew."""
         started, self.ahead = self.ahead, None

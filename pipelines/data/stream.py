@@ -84,12 +84,14 @@ def training_stream(source: Source, data: DataConfig, input_size: int, seed: int
     rows each training worker gets, and in which batch, follow from the seed alone: the
     trainer keeps that order for its workers' splits (pipelines/driver/trainer.py).
 
-    `batch_size` (train.batch_size): the decoded rows are re-cut into blocks of exactly that
-    many rows, in order (Ray Data's strict streaming repartition; only an epoch's last block
-    is shorter). The split deals equal blocks in turn, so worker w's micro-batch i is block
+    `batch_size` (an elastic run's train.batch_size: `Config.step_blocks`): every block but
+    an epoch's last is exactly that many rows, in order (ImageFolder: read units and decoded
+    batches cut at multiples of it; shards: re-cut by Ray Data's strict streaming
+    repartition). The split deals equal blocks in turn, so worker w's micro-batch i is block
     i x workers + w, and the images of optimizer step k are the epoch's rows [k x E, (k+1) x E)
-    (E: the effective batch) at any worker count: an elastic resize changes which worker
-    trains an image, not which step does."""
+    (E: the effective batch) at any worker count: a resize changes which worker trains an
+    image, not which step does. It costs ingest rate (more, smaller blocks: README), hence
+    elastic runs only."""
     return _lanes(source, data, View(input_size, seed, augment), reserved_cpus, console, 2, ordered=True,
                   rows_per_block=batch_size)
 
@@ -110,12 +112,13 @@ def _lanes(source: Source, data: DataConfig, view: View, reserved_cpus: float, c
     if concurrency is None:
         concurrency = max(1, int((resources.get("CPU", 1) - reserved_cpus) // data.decode_cpus))
     datasource = ImageDatasource(source, data, view, skip_counter(), console, concurrency, rows_per_block)
-    block_bytes = datasource.block_rows * view.size * view.size * 3
+    image_bytes = view.size * view.size * 3
+    batch_bytes = datasource.batch_size * image_bytes  # what a decode task makes at a time
     if data.object_store_memory is not None:  # all lanes together
         ahead_bytes = data.object_store_memory // lanes
     else:  # each lane, while it is the one trained on, needs the whole default to keep its decoders busy
         store = resources.get("object_store_memory", float("inf"))
-        ahead_bytes = int(min((3 * concurrency + 2) * block_bytes, store / (lanes + 1)))
+        ahead_bytes = int(min((3 * concurrency + 2) * batch_bytes, store / (lanes + 1)))
     num_tasks = datasource.num_tasks()
     datasets = []
     for lane in range(lanes):
@@ -126,12 +129,13 @@ def _lanes(source: Source, data: DataConfig, view: View, reserved_cpus: float, c
             # them (one more operator: a Ray task per block that copies it, ~1 ms of CPU each at
             # ImageNet's sizes). ImageFolder's units are cut at multiples of it: no copy.
             ds = ds.repartition(target_num_rows_per_block=rows_per_block, strict=True)
-        # each decoded batch leaves its task as a block of its own, at once: by default Ray Data
-        # merges blocks up to 128 MB, and a tar shard's crops reached training in bursts
-        ds.context.target_max_block_size = block_bytes
+        # each decoded batch (or each block it is cut into) leaves its task as a block of its own,
+        # at once: by default Ray Data merges blocks up to 128 MB, and a tar shard's crops reached
+        # training in bursts
+        ds.context.target_max_block_size = datasource.block_rows * image_bytes
         ray_compat.use_backpressure_policies(ds.context, [DecodeAhead])
         ds.context.custom_execution_callback_classes = [*ds.context.custom_execution_callback_classes, IdleWait]
-        ds.context.set_config(DecodeAhead.CONFIG_KEY, (max(ahead_bytes, block_bytes), block_bytes))
+        ds.context.set_config(DecodeAhead.CONFIG_KEY, (max(ahead_bytes, batch_bytes), batch_bytes))
         ds.context.execution_options.preserve_order = ordered
         datasets.append(ds)
     return Lanes(tuple(datasets), datasource.key)

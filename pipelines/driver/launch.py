@@ -192,7 +192,7 @@ def fit(cfg: Config, source: Source, classes: Classes | None) -> ray.train.Resul
     reserved = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
     quiet = not cfg.run.verbose
     stream = training_stream(source, cfg.data, cfg.model.input_size, cfg.train.seed, reserved_cpus=reserved,
-                             console=quiet, augment=cfg.augment.view, batch_size=cfg.train.batch_size)
+                             console=quiet, augment=cfg.augment.view, batch_size=cfg.step_blocks)
     val = None if classes is None else image_stream(classes.val, cfg.data, cfg.model.input_size, cfg.train.seed,
                                                     reserved_cpus=reserved, augment=None, console=quiet)
     with Follow() if quiet else contextlib.nullcontext():

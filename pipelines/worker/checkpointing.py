@@ -21,14 +21,15 @@ def checkpoint_dict(state: State, record: dict) -> dict:
     """The reference's keys ({'model', 'optimizer', 'epoch', 'scaler', 'args'}; `epoch` the
     last completed one) plus ours: `step` (optimizer steps done), `position` (where to
     continue: the epoch and the images of it done, at any worker count; mid-epoch, the runs
-    of positions trained, with which a resume continues the same epoch, each later step on
-    the images it had, and the worker count they were trained at) and the nested `config`
-    (`record`: from `run_record`)."""
+    of positions trained, with which a resume continues the same epoch, the worker count and
+    the stream's rows per block (an elastic run's: a resume at any count trains each later
+    step on the images it had)) and the nested `config` (`record`: from `run_record`)."""
     return {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
             "epoch": state.epoch - 1, "scaler": state.scaler.state_dict(), "args": record["args"],
             "step": state.step,
             "position": {"epoch": state.epoch, "images": state.iteration * state.micro_batch_images,
-                         "trained": state.trained if state.iteration else None, "workers": state.workers},
+                         "trained": state.trained if state.iteration else None, "workers": state.workers,
+                         "step_blocks": state.step_blocks},
             "config": record["config"], "best": state.best}
 
 

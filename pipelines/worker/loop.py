@@ -9,12 +9,13 @@ stream. Rank 0 writes the checkpoint and the run's files at each epoch end (and 
 Every random draw of a run follows from `train.seed`: the stream's order and crops from
 (seed, epoch, the image's position: pipelines/data/stream.py), the MAE's masking noise of an
 image likewise (`masking_noise`), the drop path, random erasing and Mixup of a micro-batch
-from (seed, epoch, micro-batch, rank). The images of each optimizer step are the same at any
-worker count (the stream's blocks are micro-batches, dealt in turn). A run resumed from a
-mid-epoch checkpoint continues at the next micro-batch with the right lr, in the same epoch
-(the images trained before are read, not decoded, and dropped here): at the same worker count
-it goes on exactly as the run that was never stopped; at another (an elastic resize) each step
-trains the same images with the same masks, the gradients summed in another order.
+from (seed, epoch, micro-batch, rank). In an elastic run the images of each optimizer step
+are the same at any worker count (the stream's blocks are micro-batches, dealt in turn). A
+run resumed from a mid-epoch checkpoint continues at the next micro-batch with the right lr,
+in the same epoch (the images trained before are read, not decoded, and dropped here): at the
+same worker count it goes on exactly as the run that was never stopped; at another, in an
+elastic run, each step trains the same images with the same masks, the gradients summed in
+another order; otherwise the rest of that epoch is drawn anew.
 """
 import logging
 import math
@@ -156,6 +157,7 @@ def start(job: WorkerJob) -> tuple[Loop, State]:
     sched = Schedule.of(cfg, job.num_images, worker.world)
     state = build_state(cfg, accelerator, worker.device, sched.peak_lr, job.num_classes)
     state.micro_batch_images, state.workers = cfg.train.batch_size * worker.world, worker.world
+    state.step_blocks = cfg.step_blocks
     ckpt, source = starting_checkpoint(cfg.run)
     if ckpt is None:
         source = task.initial_weights(state.model, cfg, read_pretrained)
@@ -310,7 +312,7 @@ def seed_micro_batch(seed: int, epoch: int, iteration: int, rank: int) -> None:
 def untrained(batches, trained: list | None):
     """The batches of an epoch without the rows of images trained before the resume (`trained`:
     runs of positions; their rows are blank, never decoded). They are whole batches, the first
-    ones of each worker's split, at any worker count: the epoch's first micro-batches."""
+    ones of each worker's split (at any worker count where the blocks are micro-batches)."""
     for batch in batches:
         if trained:
             done = torch.from_numpy(within(batch["position"].numpy(), trained))

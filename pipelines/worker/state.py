@@ -38,6 +38,7 @@ class State:
     step: int = 0  # optimizer steps completed so far
     micro_batch_images: int = 1  # images one micro-batch takes over all workers (batch x workers)
     workers: int = 1  # this start's worker count
+    step_blocks: int | None = None  # rows per block of the stream, if each step's images hold at any count: config.py
     trained: list | None = None  # runs of the positions of `epoch` trained (resumed mid-epoch): lanes.py
     best: dict | None = None  # classification: the epoch of the best validation top-1 so far, and its metrics
 
@@ -115,13 +116,20 @@ def restore(state: State, ckpt: dict | None, steps_per_epoch: int, task: "Pretra
                              f"which is not a whole number of micro-batches of {state.micro_batch_images} images "
                              "at this worker count; resume it with train.effective_batch unchanged")
     if state.iteration and position.get("trained") is not None:
-        # the same order, its trained rows a prefix of whole micro-batches at any worker count
-        # (pipelines/data/stream.py: `training_stream`): every later step trains the images it did
-        state.trained = position["trained"]
-        if position.get("workers") != state.workers:
-            logger.info("resumed mid-epoch at %d workers, saved at %s: each step from here on trains the images of "
-                        "the run saved (its losses agree to float noise: the gradients are summed in another order)",
-                        state.workers, position.get("workers"))
+        # the same order: at the same worker count and blocks, each worker's split begins with
+        # its trained rows; with blocks of whole micro-batches (both runs elastic) the trained
+        # rows are the epoch's first whole micro-batches at any count (stream.py: `training_stream`)
+        same_blocks = (position.get("step_blocks") is None) == (state.step_blocks is None)
+        if same_blocks and (position.get("workers") == state.workers or state.step_blocks):
+            state.trained = position["trained"]
+            if position.get("workers") != state.workers:
+                logger.info("resumed mid-epoch at %d workers, saved at %s: each step from here on trains the images "
+                            "of the run saved (its losses agree to float noise: the gradients are summed in another "
+                            "order)", state.workers, position.get("workers"))
+        else:
+            logger.info("resumed mid-epoch at %d workers, saved at %s: the rest of epoch %d is drawn anew (each "
+                        "step keeps its images at another worker count in an elastic run: scaling.min_workers)",
+                        state.workers, position.get("workers"), state.epoch)
     state.step = ckpt.get("step", state.epoch * steps_per_epoch)
     state.best = ckpt.get("best")
 
