@@ -314,9 +314,10 @@ def mlflow_view(server: str, run_dir) -> dict:
 # fast run the end-to-end modules, first in each half, are nearly empty, and the modules after
 # them balance it); the small modules go where a worker is free.
 HALF_A = ("test_multinode", "test_cluster_e2e", "test_console", "test_evaluate", "test_hf", "test_cluster",
-          "test_lease", "test_export", "test_layout", "test_transforms", "test_decode_limits")
+          "test_lease", "test_export", "test_layout", "test_transforms", "test_decode_limits", "test_plan",
+          "test_train_step")
 HALF_B = ("test_pretrain_e2e", "test_finetune_e2e", "test_hostile", "test_sources", "test_benchmarks",
-          "test_tracking", "test_plan", "test_train_step")
+          "test_tracking")
 # (test_pretrain_e2e and test_finetune_e2e share pretrained_run; it and test_tracking, the MLflow server)
 GROUPS = {**dict.fromkeys(HALF_A, "half-a"), **dict.fromkeys(HALF_B, "half-b")}
 

@@ -126,8 +126,8 @@ def _lanes(source: Source, data: DataConfig, view: View, reserved_cpus: float, c
                                       override_num_blocks=num_tasks)  # blocks of batch_size, unsplit
         if rows_per_block is not None and not datasource.aligned:
             # shards: their read units hold any number of images, so the blocks are re-cut across
-            # them (one more operator: a Ray task per block that copies it, ~1 ms of CPU each at
-            # ImageNet's sizes). ImageFolder's units are cut at multiples of it: no copy.
+            # them (one more operator, a Ray task per block that copies it: README's ingest
+            # figures). ImageFolder's units are cut at multiples of it: no copy.
             ds = ds.repartition(target_num_rows_per_block=rows_per_block, strict=True)
         # each decoded batch (or each block it is cut into) leaves its task as a block of its own,
         # at once: by default Ray Data merges blocks up to 128 MB, and a tar shard's crops reached
