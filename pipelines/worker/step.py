@@ -45,7 +45,7 @@ def masking_noise(seed: int, epoch: int, positions, length: int) -> torch.Tensor
     """The MAE's masking noise, [N, length] uniform on the CPU, row i drawn by a generator of
     its own seeded by (seed, epoch, positions[i]): an image's mask depends on the run's seed
     and where the image is in the epoch's order, not on which worker or micro-batch trains it.
-    (~2 ms for 256 images of 196 patches.)"""
+    (~1.1 ms for 256 images of 196 patches, measured on this VM.)"""
     base = np.random.SeedSequence([seed, epoch, MASK_STREAM]).generate_state(1, np.uint64)
     keys = splitmix64(base ^ np.asarray(positions, dtype=np.uint64))
     out, g = torch.empty(len(keys), length), torch.Generator()
